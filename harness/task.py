@@ -1,0 +1,286 @@
+"""task.toml and scales/*.toml -> frozen dataclasses, and `harness validate-task`."""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TASKS_DIR = REPO_ROOT / "tasks"
+DEFAULT_TASK = "llm-pretrain-bitlinear"
+
+BEGIN_MARKER = re.compile(r"^# >>> EDITABLE REGION (?P<id>[a-z][a-z0-9_]*) >>>$")
+END_MARKER = re.compile(r"^# <<< EDITABLE REGION (?P<id>[a-z][a-z0-9_]*) <<<$")
+
+
+def begin_marker(region_id: str) -> str:
+    return f"# >>> EDITABLE REGION {region_id} >>>"
+
+
+def end_marker(region_id: str) -> str:
+    return f"# <<< EDITABLE REGION {region_id} <<<"
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    id: str
+    file: str
+    submission_file: str
+    kind: str  # "python" (module-level code) or "config" (CONFIG_OVERRIDES literal)
+    description: str
+    may_reference: tuple[str, ...]
+    documented_lines: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class InterfaceItem:
+    name: str
+    kind: str  # "function" | "class"
+    signature: str | None = None  # for functions, e.g. "(weight)"
+    methods: tuple[tuple[str, str], ...] = ()  # for classes: (method, signature)
+    returns: str = ""
+
+
+@dataclass(frozen=True)
+class OverrideBound:
+    name: str
+    type: str  # "int" | "float"
+    min: float
+    max: float
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    direction: str  # "min" | "max"
+    stage: str
+    label: str
+
+    def better(self, a: float, b: float) -> bool:
+        return a < b if self.direction == "min" else a > b
+
+
+@dataclass(frozen=True)
+class ScaleSpec:
+    name: str
+    description: str
+    device: str
+    nproc_per_node: int
+    dataset: str
+    stages: tuple[str, ...]
+    timeout_s: int
+    config: dict[str, Any] = field(hash=False, compare=False)
+    path: Path = field(hash=False, compare=False, default=Path())
+
+    def cli_args(self) -> list[str]:
+        """The scale's config as the template's --name=value arguments."""
+        return [f"--{k}={_format_value(v)}" for k, v in self.config.items()]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    version: str
+    title: str
+    root: Path
+    template: str
+    frozen_files: tuple[str, ...]
+    primary_metric: str
+    test_budget: int
+    stages: tuple[str, ...]
+    default_scale: str
+    regions: tuple[RegionSpec, ...]
+    interface: tuple[InterfaceItem, ...]
+    overrides: tuple[OverrideBound, ...]
+    metrics: tuple[MetricSpec, ...]
+
+    @property
+    def template_path(self) -> Path:
+        return self.root / self.template
+
+    def template_text(self) -> str:
+        return self.template_path.read_text(encoding="utf-8")
+
+    def region(self, region_id: str) -> RegionSpec:
+        for r in self.regions:
+            if r.id == region_id:
+                return r
+        raise UserError(f"no editable region {region_id!r}",
+                        fix=f"use one of: {', '.join(r.id for r in self.regions)}")
+
+    def metric(self, name: str) -> MetricSpec:
+        for m in self.metrics:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def scale_names(self) -> list[str]:
+        return sorted(p.stem for p in (self.root / "scales").glob("*.toml"))
+
+    def scale(self, name: str) -> ScaleSpec:
+        path = self.root / "scales" / f"{name}.toml"
+        if not path.is_file():
+            raise UserError(f"unknown scale {name!r} for task {self.name}",
+                            fix=f"use one of: {', '.join(self.scale_names())}")
+        return _parse_scale(path, _read_toml(path))
+
+
+def _format_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"invalid TOML: {e}", where=str(path)) from None
+    except OSError as e:
+        raise UserError(f"cannot read: {e.strerror}", where=str(path)) from None
+
+
+class _Reader:
+    """Typed access to one TOML table that names the file and key in every error."""
+
+    def __init__(self, data: dict[str, Any], where: str) -> None:
+        self.data = data
+        self.where = where
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        if key not in self.data:
+            if default is ...:
+                raise UserError(f"missing key {key!r}", where=self.where,
+                                fix=f"add {key} = ... to the table")
+            return default
+        value = self.data[key]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
+            raise UserError(f"{key!r} has the wrong type ({type(value).__name__})",
+                            where=self.where)
+        return value
+
+    def reject_unknown(self, known: set[str]) -> None:
+        unknown = sorted(set(self.data) - known)
+        if unknown:
+            raise UserError(f"unknown key(s) {', '.join(unknown)}", where=self.where,
+                            fix=f"valid keys: {', '.join(sorted(known))}")
+
+
+def _parse_scale(path: Path, data: dict[str, Any]) -> ScaleSpec:
+    top = _Reader(data, str(path))
+    top.reject_unknown({"scale", "config"})
+    s = _Reader(top.get("scale", dict), f"{path} [scale]")
+    s.reject_unknown({"name", "description", "device", "nproc_per_node", "dataset", "stages",
+                      "timeout_s"})
+    name = s.get("name", str)
+    if name != path.stem:
+        raise UserError(f"scale name {name!r} differs from the file name {path.stem!r}",
+                        where=str(path))
+    device = s.get("device", str)
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"device must be 'cpu' or 'cuda', not {device!r}", where=str(path))
+    config = top.get("config", dict)
+    for k, v in config.items():
+        if not isinstance(v, (bool, int, float, str)):
+            raise UserError(f"config value {k!r} must be a number, bool or string",
+                            where=f"{path} [config]")
+    return ScaleSpec(
+        name=name, description=s.get("description", str), device=device,
+        nproc_per_node=s.get("nproc_per_node", int), dataset=s.get("dataset", str),
+        stages=tuple(s.get("stages", list)), timeout_s=s.get("timeout_s", int),
+        config=dict(config), path=path,
+    )
+
+
+def resolve_task_dir(task: str | Path) -> Path:
+    """A task name under tasks/, or a path to a task folder."""
+    p = Path(task)
+    if (p / "task.toml").is_file():
+        return p.resolve()
+    named = TASKS_DIR / str(task)
+    if (named / "task.toml").is_file():
+        return named
+    raise UserError(f"no task.toml in {task!r} and no task of that name",
+                    fix=f"use a folder with a task.toml, or a name under {TASKS_DIR}")
+
+
+def load_task(task: str | Path = DEFAULT_TASK) -> TaskSpec:
+    root = resolve_task_dir(task)
+    path = root / "task.toml"
+    data = _read_toml(path)
+    where = str(path)
+    top = _Reader(data, where)
+    top.reject_unknown({"task", "regions", "interface", "config_overrides", "metrics"})
+    t = _Reader(top.get("task", dict), f"{where} [task]")
+    t.reject_unknown({"name", "version", "title", "template", "frozen_files", "read_only_context",
+                      "primary_metric", "test_budget", "stages", "default_scale"})
+
+    regions = []
+    for i, raw in enumerate(top.get("regions", list)):
+        r = _Reader(raw, f"{where} [[regions]] #{i + 1}")
+        r.reject_unknown({"id", "file", "submission_file", "documented_lines", "kind",
+                          "description", "may_reference"})
+        doc = r.get("documented_lines", list, None)
+        kind = r.get("kind", str)
+        if kind not in ("python", "config"):
+            raise UserError(f"region kind must be 'python' or 'config', not {kind!r}",
+                            where=r.where)
+        regions.append(RegionSpec(
+            id=r.get("id", str), file=r.get("file", str),
+            submission_file=r.get("submission_file", str), kind=kind,
+            description=r.get("description", str, ""),
+            may_reference=tuple(r.get("may_reference", list, [])),
+            documented_lines=(int(doc[0]), int(doc[1])) if doc else None,
+        ))
+
+    interface = []
+    for name, raw in top.get("interface", dict).items():
+        it = _Reader(raw, f"{where} [interface.{name}]")
+        it.reject_unknown({"kind", "signature", "methods", "returns"})
+        methods = it.get("methods", dict, {})
+        interface.append(InterfaceItem(
+            name=name, kind=it.get("kind", str), signature=it.get("signature", str, None),
+            methods=tuple((m, str(sig)) for m, sig in methods.items()),
+            returns=it.get("returns", str, ""),
+        ))
+
+    overrides = []
+    for name, raw in top.get("config_overrides", dict, {}).items():
+        o = _Reader(raw, f"{where} [config_overrides.{name}]")
+        o.reject_unknown({"type", "min", "max"})
+        typ = o.get("type", str)
+        if typ not in ("int", "float"):
+            raise UserError(f"type must be 'int' or 'float', not {typ!r}", where=o.where)
+        overrides.append(OverrideBound(name=name, type=typ, min=float(o.get("min", (int, float))),
+                                       max=float(o.get("max", (int, float)))))
+
+    metrics = []
+    for name, raw in top.get("metrics", dict).items():
+        m = _Reader(raw, f"{where} [metrics.{name}]")
+        m.reject_unknown({"direction", "stage", "label"})
+        direction = m.get("direction", str)
+        if direction not in ("min", "max"):
+            raise UserError(f"direction must be 'min' or 'max', not {direction!r}", where=m.where)
+        metrics.append(MetricSpec(name=name, direction=direction, stage=m.get("stage", str),
+                                  label=m.get("label", str, name)))
+
+    return TaskSpec(
+        name=t.get("name", str), version=t.get("version", str), title=t.get("title", str, ""),
+        root=root, template=t.get("template", str),
+        frozen_files=tuple(t.get("frozen_files", list)),
+        primary_metric=t.get("primary_metric", str), test_budget=t.get("test_budget", int),
+        stages=tuple(t.get("stages", list)), default_scale=t.get("default_scale", str),
+        regions=tuple(regions), interface=tuple(interface), overrides=tuple(overrides),
+        metrics=tuple(metrics),
+    )
