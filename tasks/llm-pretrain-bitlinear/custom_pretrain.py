@@ -307,7 +307,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.transformer.ln_f(x))
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
         return logits, loss
 
     def configure_optimizer(self, weight_decay, lr, betas, device_type):
@@ -518,6 +518,11 @@ def main(argv):
                 print(f"iter {it}: loss {train_loss.item():.4f}, lr {lr:.2e}, "
                       f"{time.time() - t_start:.1f}s", flush=True)
     train_time = time.time() - t_start
+    # One checksum of all weights per rank: DDP must leave every rank with the same model.
+    checksum = torch.stack([p.detach().double().sum() for p in raw_model.parameters()]).sum()
+    checksums = [torch.zeros_like(checksum) for _ in range(world)] if ddp else [checksum]
+    if ddp:
+        dist.all_gather(checksums, checksum)
 
     if master:
         metrics_file.close()
@@ -532,14 +537,30 @@ def main(argv):
             "tokens_per_s": max_iters * tokens_per_iter / max(train_time, 1e-9),
             "world_size": world, "device": dev, "dtype": dt, "compile": compile,
             "num_params": raw_model.num_params(), "config": config,
+            "rank_param_checksums": [c.item() for c in checksums],
         })
     if ddp:
         dist.destroy_process_group()
+
+
+def record_error(kind, message):
+    """Frozen code records why a process stopped, so the harness never reads stdout for it."""
+    os.makedirs(out_dir, exist_ok=True)
+    write_json_atomic(os.path.join(out_dir, f"error_rank{os.environ.get('RANK', '0')}.json"),
+                      {"kind": kind, "message": message})
 
 
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
     except (ConfigError, DataError) as e:
+        # A bad scale or data directory is ours to fix: the submission never ran.
         print(f"error: {e}", file=sys.stderr)
+        record_error("config" if isinstance(e, ConfigError) else "data", str(e))
         sys.exit(2)
+    except BaseException as e:
+        # Anything else escaped the training loop, SystemExit included: the submission's.
+        import traceback
+
+        record_error("exception", "".join(traceback.format_exception(e))[-4000:])
+        raise

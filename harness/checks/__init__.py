@@ -1,0 +1,1 @@
+"""Checks a submission must pass before any budget is spent."""

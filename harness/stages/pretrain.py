@@ -1,0 +1,96 @@
+"""The pretrain stage: torchrun over the spliced template; scores come from its files."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.runners.base import Outcome, StageRun, StageSpec
+from harness.task import ScaleSpec
+
+STAGE = "pretrain"
+
+
+def build(scale: ScaleSpec, *, attempt_dir: Path, script: Path, data_dir: Path,
+          out_dir: Path, python: str = sys.executable) -> StageSpec:
+    argv = [
+        python, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={scale.nproc_per_node}", str(script),
+        *scale.cli_args(), f"--data_dir={data_dir}", f"--out_dir={out_dir}",
+    ]
+    # On CPU each process gets one thread: N processes share the machine's cores.
+    env = {"OMP_NUM_THREADS": "1"} if scale.device == "cpu" else {}
+    return StageSpec(name=STAGE, argv=tuple(argv), cwd=attempt_dir, log_dir=out_dir,
+                     timeout_s=float(scale.timeout_s), env=env)
+
+
+@dataclass(frozen=True)
+class PretrainOutcome:
+    outcome: Outcome
+    reason: str
+    metrics: dict[str, float]
+    curve: list[dict[str, Any]]
+    final: dict[str, Any]
+    traceback: str = ""
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def read_curve(out_dir: Path) -> list[dict[str, Any]]:
+    rows = []
+    path = out_dir / "metrics.jsonl"
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                break  # a torn last line from a killed run
+    return rows
+
+
+def frozen_errors(out_dir: Path) -> list[dict[str, Any]]:
+    """Refusals the frozen template recorded itself (bad scale config or data)."""
+    found = [_read_json(p) for p in sorted(out_dir.glob("error_rank*.json"))]
+    return [e for e in found if isinstance(e, dict)]
+
+
+def collect(run: StageRun, out_dir: Path) -> PretrainOutcome:
+    curve = read_curve(out_dir)
+    if not run.started:
+        return PretrainOutcome(Outcome.FAILED_INFRA, run.error or "stage did not start", {},
+                               curve, {})
+    errors = frozen_errors(out_dir)
+    ours = [e for e in errors if e.get("kind") in ("config", "data")]
+    if ours:
+        # The template refused our own inputs: the submission never ran, so never charge it.
+        return PretrainOutcome(Outcome.FAILED_INFRA,
+                               f"{ours[0]['kind']} error: {ours[0].get('message')}", {}, curve, {})
+    if errors:
+        message = str(errors[0].get("message", "")).rstrip()
+        return PretrainOutcome(Outcome.FAILED_SUBMISSION,
+                               f"training raised: {message.splitlines()[-1] if message else '?'}",
+                               {}, curve, {}, traceback=message)
+    if run.timed_out:
+        return PretrainOutcome(Outcome.FAILED_SUBMISSION,
+                               f"time limit reached after {run.wall_s:.0f}s", {}, curve, {})
+    if run.returncode != 0:
+        return PretrainOutcome(Outcome.FAILED_SUBMISSION,
+                               f"training exited with code {run.returncode}", {}, curve, {})
+    final = _read_json(out_dir / "final.json")
+    if not isinstance(final, dict):
+        return PretrainOutcome(Outcome.FAILED_INFRA, "training exited 0 without final.json",
+                               {}, curve, {})
+    val = final.get("val_loss")
+    if not isinstance(val, (int, float)) or not math.isfinite(val):
+        return PretrainOutcome(Outcome.FAILED_SUBMISSION, f"val_loss is not finite ({val})", {},
+                               curve, final)
+    return PretrainOutcome(Outcome.SUCCEEDED, "ok", {"val_loss": float(val)}, curve, final)

@@ -1,0 +1,67 @@
+class TernaryQuantize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight):
+        scale = weight.abs().mean(dim=1, keepdim=True).clamp(min=1e-12)
+        w_norm = weight / scale
+        w_clip = w_norm.clamp(-1, 1)
+        w_round = w_clip.round()
+        w_q = w_round * scale
+        ctx.save_for_backward(scale, w_norm)
+        return w_q, scale.squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad_w_q, grad_scale):
+        scale, w_norm = ctx.saved_tensors
+        grad_weight = grad_w_q / scale
+        return grad_weight, None
+
+
+def weight_quant(weight):
+    return TernaryQuantize.apply(weight)
+
+
+def activation_quant(x):
+    """Absmax 8-bit activation quantization with STE.
+
+    Quantizes activations to 127 levels (int8 range) using per-tensor
+    absmax scaling, following the BitNet b1.58 paper.
+    """
+    Qb = 127 # int8 range
+    scale = x.detach().abs().max().clamp(min=1e-12)
+    x_normed = x / scale
+    x_q = (x_normed * Qb).round().clamp(-Qb, Qb)
+    # STE: forward uses quantized, backward passes through
+    x_q = (x_q - x_normed * Qb).detach() + x_normed * Qb
+    return x_q, scale / Qb
+
+
+class BitLinear(nn.Module):
+    """BitNet b1.58 linear layer with ternary {-1, 0, +1} weights and per-channel scaling.
+
+    During both training and eval: weights are ternarized via per-channel absmean
+    + round-clip, activations are quantized to int8 range. Output is
+    rescaled by weight_scale * activation_scale.
+    """
+    def __init__(self, in_features, out_features, bias=True):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features))
+        else:
+            self.bias = None
+        nn.init.normal_(self.weight, mean=0.0, std=0.02)
+
+    def forward(self, x):
+        w_q, w_scale = weight_quant(self.weight)
+        x_q, x_scale = activation_quant(x)
+        out = F.linear(x_q, w_q, None)
+        # w_scale is per-channel, shape [out_features]; we need to reshape for broadcasting
+        # out shape: (..., out_features)
+        # w_scale shape: (out_features,) -> (1, 1, ..., out_features) for broadcasting
+        # x_scale is scalar
+        out = out * (w_scale.view(1, -1) * x_scale)
+        if self.bias is not None:
+            out = out + self.bias
+        return out

@@ -1,0 +1,140 @@
+"""Attempts end to end: the record, its hashes, and how failures are classified."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from harness.paths import sha256_file
+from harness.runners.base import Outcome, StageRun
+from harness.stages.pretrain import collect
+from harness.submission import load_submission
+from harness.task import TaskSpec
+from tests.conftest import PYTHON, REPO, TEMPLATE
+
+CRASH_AT_STEP = '''
+class _Counter:
+    calls = 0
+
+
+def weight_quant(weight):
+    scale = weight.abs().mean().clamp(min=1e-5)
+    w = weight / scale
+    return w + (w.round().clamp(-1, 1) - w).detach(), scale
+
+
+def activation_quant(x):
+    return x, torch.ones((), device=x.device)
+
+
+class BitLinear(nn.Module):
+    def __init__(self, in_features, out_features, bias=True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x):
+        _Counter.calls += 1
+        if _Counter.calls > 200:
+            raise RuntimeError("submission bug: exploded after a few steps")
+        w_q, s = weight_quant(self.weight)
+        return F.linear(x, w_q * s, self.bias)
+'''
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PYTHON, "-m", "harness", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=600)
+
+
+@pytest.mark.slow
+def test_baselines_command_records_success_and_submission_failure(tmp_path: Path,
+                                                                  task: TaskSpec) -> None:
+    subs = tmp_path / "subs"
+    shutil.copytree(REPO / "baselines" / "int2_uniform", subs / "int2_uniform")
+    (subs / "crashes").mkdir()
+    (subs / "crashes" / "bitlinear.py").write_text(CRASH_AT_STEP)
+    runs, data = tmp_path / "runs", tmp_path / "data"
+    proc = run_cli("baselines", "--scale", "smoke", "--baselines-dir", str(subs),
+                   "--runs-dir", str(runs), "--data-dir", str(data))
+    assert proc.returncode == 4, proc.stderr[-2000:]  # worst of the rows: a submission failure
+    table = proc.stdout.splitlines()
+    assert table[-4].split()[:3] == ["baseline", "status", "val_loss"]
+    by_name = {line.split()[0]: line.split() for line in table[-2:]}
+    assert by_name["crashes"][1] == "failed_submission"
+    assert by_name["int2_uniform"][1] == "succeeded"
+
+    good = json.loads(Path(by_name["int2_uniform"][-1]).read_text())
+    assert good["schema_version"] == 1 and good["status"] == "succeeded"
+    assert good["task"] == {"name": "llm-pretrain-bitlinear", "version": task.version}
+    attempt = Path(by_name["int2_uniform"][-1]).parent
+    final = json.loads((attempt / "pretrain" / "final.json").read_text())
+    assert good["metrics"]["val_loss"] == final["val_loss"] and math.isfinite(final["val_loss"])
+    assert final["world_size"] == 2
+    assert good["submission"]["sha256"] == load_submission(subs / "int2_uniform", task).sha256
+    assert good["template_sha256"] == sha256_file(TEMPLATE)
+    assert good["spliced_sha256"] == sha256_file(attempt / "custom_pretrain.py")
+    assert good["dataset"]["manifest_sha256"] == sha256_file(data / "smoke" / "manifest.json")
+    for rel, digest in good["artifacts"].items():
+        assert sha256_file(attempt / rel) == digest, rel
+    assert {"pretrain/ckpt.pt", "pretrain/metrics.jsonl", "submission.diff"} <= set(
+        good["artifacts"])
+    assert good["environment"]["packages"]["torch"].startswith("2.")
+
+    bad = json.loads(Path(by_name["crashes"][-1]).read_text())
+    assert bad["status"] == "failed_submission" and bad["metrics"] == {}
+    assert bad["reason"] == ("training raised: RuntimeError: "
+                             "submission bug: exploded after a few steps")
+    assert "in forward" in bad["stages"]["pretrain"]["traceback"]
+
+
+def _stage_run(tmp_path: Path, **kw: object) -> StageRun:
+    args: dict[str, object] = {"returncode": 0, "started": True, "timed_out": False,
+                               "wall_s": 1.0, "stdout": tmp_path / "o", "stderr": tmp_path / "e"}
+    args.update(kw)
+    return StageRun(**args)  # type: ignore[arg-type]
+
+
+def test_a_stage_that_never_started_is_infra(tmp_path: Path) -> None:
+    got = collect(_stage_run(tmp_path, started=False, returncode=None, error="no torchrun"),
+                  tmp_path)
+    assert got.outcome is Outcome.FAILED_INFRA and got.reason == "no torchrun"
+
+
+def test_frozen_code_refusing_our_data_is_infra_even_with_a_crash_code(tmp_path: Path) -> None:
+    (tmp_path / "error_rank1.json").write_text(json.dumps({"kind": "data", "message": "bad"}))
+    got = collect(_stage_run(tmp_path, returncode=1), tmp_path)
+    assert got.outcome is Outcome.FAILED_INFRA and "data error: bad" in got.reason
+
+
+@pytest.mark.parametrize("final,outcome", [
+    ({"val_loss": float("nan")}, Outcome.FAILED_SUBMISSION),
+    ({"val_loss": 3.5}, Outcome.SUCCEEDED),
+])
+def test_non_finite_loss_is_the_submissions_failure(tmp_path: Path, final: dict[str, float],
+                                                    outcome: Outcome) -> None:
+    (tmp_path / "final.json").write_text(json.dumps(final))
+    got = collect(_stage_run(tmp_path), tmp_path)
+    assert got.outcome is outcome
+    assert got.metrics == ({"val_loss": 3.5} if outcome is Outcome.SUCCEEDED else {})
+
+
+def test_an_exception_recorded_by_frozen_code_is_the_submissions(tmp_path: Path) -> None:
+    # Even SystemExit(0) from submitted code must not pass for an infra failure (a refund).
+    (tmp_path / "error_rank0.json").write_text(json.dumps(
+        {"kind": "exception", "message": "Traceback ...\nSystemExit: 0\n"}))
+    got = collect(_stage_run(tmp_path, returncode=0), tmp_path)
+    assert got.outcome is Outcome.FAILED_SUBMISSION
+    assert got.reason == "training raised: SystemExit: 0"
+
+
+def test_timeout_and_crash_are_charged_to_the_submission(tmp_path: Path) -> None:
+    assert collect(_stage_run(tmp_path, timed_out=True, returncode=None),
+                   tmp_path).outcome is Outcome.FAILED_SUBMISSION
+    assert collect(_stage_run(tmp_path, returncode=1), tmp_path).outcome is \
+        Outcome.FAILED_SUBMISSION
