@@ -173,7 +173,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         label = "traceback" if stage.get("traceback") else "last lines of the stage's stderr"
         print(f"--- {label} ---", file=sys.stderr)
         print(stage.get("traceback") or stage["stderr_tail"], file=sys.stderr)
-    print(f"result: {r['result_path']}")
+    print(f"result: {_shown(r['result_path'])}")
     return _exit_for(r["status"])
 
 
@@ -193,6 +193,15 @@ def cmd_baselines(args: argparse.Namespace) -> int:
     return max(_exit_for(r["status"]) for r in rows)
 
 
+def _shown(path: str) -> str:
+    """A path relative to the working directory when it lies below it."""
+    p = Path(path)
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return path
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     head = ("baseline", "status", "val_loss", "train s", "result")
     body = []
@@ -201,7 +210,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         wall = r["stages"].get("pretrain", {}).get("wall_s")
         body.append((r["submission"]["name"], r["status"],
                      f"{val:.4f}" if val is not None else "-",
-                     f"{wall:.1f}" if wall is not None else "-", r["result_path"]))
+                     f"{wall:.1f}" if wall is not None else "-", _shown(r["result_path"])))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=False)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]

@@ -60,7 +60,8 @@ class AttemptPaths:
 
     @classmethod
     def create(cls, runs_dir: Path, attempt_id: str) -> AttemptPaths:
-        root = runs_dir / attempt_id
+        # Absolute: stages run with the attempt as their working directory.
+        root = runs_dir.resolve() / attempt_id
         root.mkdir(parents=True, exist_ok=False)
         return cls(root)
 

@@ -47,9 +47,9 @@ class BitLinear(nn.Module):
 '''
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     return subprocess.run([PYTHON, "-m", "harness", *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=600)
+                          cwd=cwd, timeout=600)
 
 
 @pytest.mark.slow
@@ -59,9 +59,10 @@ def test_baselines_command_records_success_and_submission_failure(tmp_path: Path
     shutil.copytree(REPO / "baselines" / "int2_uniform", subs / "int2_uniform")
     (subs / "crashes").mkdir()
     (subs / "crashes" / "bitlinear.py").write_text(CRASH_AT_STEP)
-    runs, data = tmp_path / "runs", tmp_path / "data"
+    data = tmp_path / "data"
+    # Relative directories, as `make run` uses them: stages run in the attempt's folder.
     proc = run_cli("baselines", "--scale", "smoke", "--baselines-dir", str(subs),
-                   "--runs-dir", str(runs), "--data-dir", str(data))
+                   "--runs-dir", "runs", "--data-dir", "data", cwd=tmp_path)
     assert proc.returncode == 4, proc.stderr[-2000:]  # worst of the rows: a submission failure
     table = proc.stdout.splitlines()
     assert table[-4].split()[:3] == ["baseline", "status", "val_loss"]
