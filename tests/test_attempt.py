@@ -70,10 +70,13 @@ def test_baselines_command_records_success_and_submission_failure(tmp_path: Path
     assert by_name["crashes"][1] == "failed_submission"
     assert by_name["int2_uniform"][1] == "succeeded"
 
-    good = json.loads(Path(by_name["int2_uniform"][-1]).read_text())
+    # The table shows result paths relative to the directory the command ran in.
+    good_path, bad_path = tmp_path / by_name["int2_uniform"][-1], tmp_path / by_name["crashes"][-1]
+    assert good_path.parent.parent == tmp_path / "runs"
+    good = json.loads(good_path.read_text())
     assert good["schema_version"] == 1 and good["status"] == "succeeded"
     assert good["task"] == {"name": "llm-pretrain-bitlinear", "version": task.version}
-    attempt = Path(by_name["int2_uniform"][-1]).parent
+    attempt = good_path.parent
     final = json.loads((attempt / "pretrain" / "final.json").read_text())
     assert good["metrics"]["val_loss"] == final["val_loss"] and math.isfinite(final["val_loss"])
     assert final["world_size"] == 2
@@ -87,7 +90,7 @@ def test_baselines_command_records_success_and_submission_failure(tmp_path: Path
         good["artifacts"])
     assert good["environment"]["packages"]["torch"].startswith("2.")
 
-    bad = json.loads(Path(by_name["crashes"][-1]).read_text())
+    bad = json.loads(bad_path.read_text())
     assert bad["status"] == "failed_submission" and bad["metrics"] == {}
     assert bad["reason"] == ("training raised: RuntimeError: "
                              "submission bug: exploded after a few steps")

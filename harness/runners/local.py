@@ -20,7 +20,11 @@ KILL_GRACE_S = 10.0
 
 
 def scrubbed_env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k in PASS_ENV or k.startswith("NCCL_")}
+    # NCCL_/NVSHMEM_ settings and TORCH_SYMM_MEM_DISABLE_MULTICAST pass through: clusters
+    # switch features such as NVLink multicast off with them, and a stage must keep that.
+    env = {k: v for k, v in os.environ.items()
+           if k in PASS_ENV or k.startswith(("NCCL_", "NVSHMEM_"))
+           or k == "TORCH_SYMM_MEM_DISABLE_MULTICAST"}
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
