@@ -81,3 +81,37 @@ def test_bad_data_stops_training_with_a_reason(damage: str, tmp_path: Path) -> N
     assert expect in proc.stderr
     assert "Traceback" not in proc.stderr
     assert json.loads((tmp_path / "out" / "error_rank0.json").read_text())["kind"] == "data"
+
+
+def _with_overrides(tmp_path: Path, overrides: str) -> Path:
+    from harness.regions import splice
+
+    script = tmp_path / "custom_pretrain.py"
+    script.write_text(splice(TEMPLATE.read_text(), {"config_overrides": overrides}))
+    return script
+
+
+def test_config_overrides_beat_the_scale_and_reach_training(periodic_data: Path,
+                                                           tmp_path: Path) -> None:
+    script = _with_overrides(tmp_path, 'CONFIG_OVERRIDES = {"learning_rate": 0.005, '
+                                       '"warmup_iters": 1}')
+    out = tmp_path / "out"
+    proc = subprocess.run([PYTHON, str(script), *TINY, f"--data_dir={periodic_data}",
+                           f"--out_dir={out}", "--max_iters=2", "--eval_interval=2",
+                           "--learning_rate=0.001", "--save_checkpoint=false"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    config = json.loads((out / "final.json").read_text())["config"]
+    assert config["learning_rate"] == 0.005 and config["warmup_iters"] == 1
+
+
+def test_frozen_code_refuses_an_override_outside_the_whitelist(periodic_data: Path,
+                                                               tmp_path: Path) -> None:
+    # The static check refuses this first; the template is the backstop if it is bypassed.
+    script = _with_overrides(tmp_path, 'CONFIG_OVERRIDES = {"max_iters": 1}')
+    proc = subprocess.run([PYTHON, str(script), *TINY, f"--data_dir={periodic_data}",
+                           f"--out_dir={tmp_path / 'out'}"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2
+    assert "CONFIG_OVERRIDES may not set 'max_iters'" in proc.stderr
