@@ -8,7 +8,7 @@ def weight_quant(weight):
     Returns (quantized_weight, scale); the forward value of quantized_weight is
     exactly -1 or +1, and quantized_weight * scale approximates weight.
     """
-    scale = weight.abs().mean().clamp(min=1e-5)
+    scale = weight.detach().abs().mean().clamp(min=1e-5)
     centred = weight - weight.mean()
     w_q = torch.where(centred >= 0, 1.0, -1.0).to(weight.dtype)
     # STE: forward sees the signs, backward the identity on weight / scale.
@@ -19,7 +19,7 @@ def weight_quant(weight):
 
 def activation_quant(x):
     """8-bit activations in [-128, 127] with a per-token absmax scale."""
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5) / 127.0
+    scale = x.detach().abs().amax(dim=-1, keepdim=True).clamp(min=1e-5) / 127.0
     x_s = x / scale
     x_q = x_s.round().clamp(-128, 127)
     x_q = x_s + (x_q - x_s).detach()

@@ -8,7 +8,7 @@ def weight_quant(weight):
     Returns (quantized_weight, scale): four integer levels in the forward pass,
     and quantized_weight * scale approximates weight.
     """
-    scale = weight.abs().mean().clamp(min=1e-5)
+    scale = weight.detach().abs().mean().clamp(min=1e-5)
     w_s = weight / scale
     w_q = w_s.round().clamp(-2, 1)
     w_q = w_s + (w_q - w_s).detach()
@@ -17,7 +17,7 @@ def weight_quant(weight):
 
 def activation_quant(x):
     """8-bit activations in [-128, 127] with a per-token absmax scale."""
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5) / 127.0
+    scale = x.detach().abs().amax(dim=-1, keepdim=True).clamp(min=1e-5) / 127.0
     x_s = x / scale
     x_q = x_s.round().clamp(-128, 127)
     x_q = x_s + (x_q - x_s).detach()

@@ -37,8 +37,8 @@ class LayerNorm(nn.Module):
 # >>> EDITABLE REGION bitlinear >>>
 # -- Native Low-Bit Linear (BitLinear) Module ---------------------------------
 # Default: BitNet b1.58-style ternary weights with one absmean scale per tensor,
-# and 8-bit activations with one absmax scale per token. Gradients reach the
-# latent float weights through a straight-through estimator (STE).
+# and 8-bit activations with one absmax scale per token. Gradients reach the latent
+# float weights through a straight-through estimator (STE); scales are constants.
 
 
 def weight_quant(weight):
@@ -47,7 +47,7 @@ def weight_quant(weight):
     Returns (quantized_weight, scale): quantized_weight holds only -1, 0 and +1
     in the forward pass, and quantized_weight * scale approximates weight.
     """
-    scale = weight.abs().mean().clamp(min=1e-5)
+    scale = weight.detach().abs().mean().clamp(min=1e-5)
     w = weight / scale
     w_q = w.round().clamp(-1, 1)
     # STE: the forward value is w_q, the backward pass sees the identity.
@@ -61,7 +61,7 @@ def activation_quant(x):
     Returns (quantized_x, scale): quantized_x holds integers in the forward pass,
     and quantized_x * scale approximates x.
     """
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5) / 127.0
+    scale = x.detach().abs().amax(dim=-1, keepdim=True).clamp(min=1e-5) / 127.0
     x_s = x / scale
     x_q = x_s.round().clamp(-128, 127)
     x_q = x_s + (x_q - x_s).detach()
@@ -475,8 +475,9 @@ def main(argv):
         print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters; {world} process(es); "
               f"{tokens_per_iter:,} tokens per iteration; device {dev}, dtype {dt}")
 
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    metrics_file = open(metrics_path, "w") if master else None
+    metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "w") if master else None
+    # Train loss and wall time at every log interval: the training curve and step timing.
+    train_log = open(os.path.join(out_dir, "train_log.jsonl"), "w") if master else None
     x, y = get_batch(train_shards, weights, gen, dev)
     t_start = time.time()
     train_loss = torch.zeros((), device=dev)
@@ -515,8 +516,11 @@ def main(argv):
         if it % log_interval == 0:
             train_loss = loss.detach() * accum
             if master:
-                print(f"iter {it}: loss {train_loss.item():.4f}, lr {lr:.2e}, "
-                      f"{time.time() - t_start:.1f}s", flush=True)
+                tl, elapsed = train_loss.item(), time.time() - t_start
+                print(f"iter {it}: loss {tl:.4f}, lr {lr:.2e}, {elapsed:.1f}s", flush=True)
+                train_log.write(json.dumps({"step": it, "train_loss": tl, "lr": lr,
+                                            "elapsed_s": elapsed}) + "\n")
+                train_log.flush()
     train_time = time.time() - t_start
     # One checksum of all weights per rank: DDP must leave every rank with the same model.
     checksum = torch.stack([p.detach().double().sum() for p in raw_model.parameters()]).sum()
@@ -526,6 +530,7 @@ def main(argv):
 
     if master:
         metrics_file.close()
+        train_log.close()
         if save_checkpoint:
             ckpt = {"model": raw_model.state_dict(), "model_args": model_args,
                     "iter_num": max_iters, "config": config, "val_loss": val_loss}
@@ -538,6 +543,8 @@ def main(argv):
             "world_size": world, "device": dev, "dtype": dt, "compile": compile,
             "num_params": raw_model.num_params(), "config": config,
             "rank_param_checksums": [c.item() for c in checksums],
+            "peak_memory_gb": (torch.cuda.max_memory_allocated() / 2**30
+                               if device_type == "cuda" else None),
         })
     if ddp:
         dist.destroy_process_group()
