@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -31,7 +31,10 @@ _HASH_CHUNK = 1 << 24  # bytes read at a time when hashing a shard
 _SPLIT_NAME = re.compile(r"[a-z][a-z0-9]*\Z")
 _SHARD_NAME = re.compile(r"[a-z][a-z0-9]*_[0-9]{6}\.bin\Z")
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
+# Temporary files of ours that a killed process may leave: shard rewrites and JSON writes.
+_OUR_TMP = re.compile(r"\.(?:[a-z][a-z0-9]*_[0-9]{6}\.bin|manifest\.json\.[0-9]+)\.tmp\Z")
 _FIX_PREPARE = "prepare the data again (`harness data prepare`)"
+_FIX_RESTART = "remove the output directory and prepare the data again from the start"
 
 
 @dataclass
@@ -58,6 +61,13 @@ class ShardWriter:
     old shard files first, so a half-written directory never looks complete. close() fsyncs
     the shards, then writes manifest.json through a temporary file and os.replace.
 
+    Resuming: checkpoint() puts every token added so far on disk (fsynced) and returns a small
+    JSON-able state; a writer opened with `resume_from=state` after a crash truncates the open
+    shards back to that state, deletes shards begun later, and continues, so the same documents
+    added afterwards give the same bytes as a run that never stopped. close() hands the state it
+    reaches once every shard is complete to `on_closing` before it touches any finished shard,
+    and the tail evening-out below is idempotent, so a crash inside close() is resumable too.
+
     When a split ends with a short shard (under half of `shard_tokens`) after a full one, the
     two are evened out at close, so every shard of a multi-shard split holds at least
     `shard_tokens // 2` tokens (the training template draws windows of block_size + 1 tokens
@@ -65,7 +75,8 @@ class ShardWriter:
     """
 
     def __init__(self, out_dir: Path, *, shard_tokens: int = 100_000_000,
-                 source: dict[str, Any], val_rule: str) -> None:
+                 source: dict[str, Any], val_rule: str,
+                 resume_from: dict[str, Any] | None = None) -> None:
         if shard_tokens < 1:
             raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
         self.out_dir = Path(out_dir)
@@ -74,24 +85,35 @@ class ShardWriter:
         self.val_rule = val_rule
         self._splits: dict[str, _Split] = {}
         self._manifest: dict[str, Any] | None = None
+        self._closing = False
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+        keep: set[str] = set()
+        if resume_from is not None:
+            keep = self._restore(resume_from)
         for old in self.out_dir.iterdir():
-            if _SHARD_NAME.match(old.name) and old.is_file():
+            stale = _SHARD_NAME.match(old.name) and old.name not in keep
+            if (stale or _OUR_TMP.match(old.name)) and old.is_file():
                 old.unlink()
+
+    @property
+    def shards_completed(self) -> int:
+        """How many shards, over all splits, are complete (full, flushed and fsynced)."""
+        return sum(len(state.entries) for state in self._splits.values())
 
     def add(self, split: str, tokens: Sequence[int] | npt.NDArray[np.integer[Any]]) -> None:
         """Append one whole document's tokens to `split` ("train", "val", ...)."""
-        if self._manifest is not None:
+        self.add_documents(split, tokens, documents=1)
+
+    def add_documents(self, split: str, tokens: Sequence[int] | npt.NDArray[np.integer[Any]],
+                      documents: int) -> None:
+        """Append `documents` whole documents to `split`, their tokens concatenated (each ending
+        in the caller's EOT). One range check and one copy for many documents."""
+        if self._manifest is not None or self._closing:
             raise RuntimeError("ShardWriter.add after close")
         arr = _as_tokens(tokens)
-        state = self._splits.get(split)
-        if state is None:
-            if not _SPLIT_NAME.match(split):
-                raise ValueError(f"split name must match [a-z][a-z0-9]*, got {split!r}")
-            size = min(BUFFER_TOKENS, max(self.shard_tokens, 1 << 16))
-            state = self._splits[split] = _Split(split, np.empty(size, dtype=DTYPE))
-        state.documents += 1
+        state = self._split(split)
+        state.documents += documents
         state.tokens += len(arr)
         cap = len(state.buffer)
         pos = 0
@@ -103,14 +125,40 @@ class ShardWriter:
             if state.filled == cap:
                 self._flush(state)
 
-    def close(self) -> dict[str, Any]:
-        """Flush and hash every shard, write manifest.json, return the manifest."""
-        if self._manifest is not None:
-            return self._manifest
+    def flush(self) -> None:
+        """Write every buffered token to its shard file (not fsynced)."""
         for state in self._splits.values():
             self._flush(state)
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Put every token added so far on disk, fsynced; return the state to resume from."""
+        if self._manifest is not None or self._closing:
+            raise RuntimeError("ShardWriter.checkpoint after close")
+        self.flush()
+        for state in self._splits.values():
             if state.file is not None:
-                self._finish_shard(state)
+                state.file.flush()
+                os.fsync(state.file.fileno())
+        return self._state()
+
+    def close(self, on_closing: Callable[[dict[str, Any]], None] | None = None
+              ) -> dict[str, Any]:
+        """Flush and hash every shard, write manifest.json, return the manifest.
+
+        `on_closing` gets the resumable state once all shards are complete, before any is
+        rewritten by the tail evening-out (a caller persists it to survive a crash there).
+        """
+        if self._manifest is not None:
+            return self._manifest
+        if not self._closing:
+            for state in self._splits.values():
+                self._flush(state)
+                if state.file is not None:
+                    self._finish_shard(state)
+            self._closing = True
+            if on_closing is not None:
+                on_closing(self._state())
+        for state in self._splits.values():
             if (len(state.entries) >= 2
                     and state.entries[-1]["tokens"] < self.shard_tokens // 2):
                 self._even_out_tail(state)
@@ -132,9 +180,84 @@ class ShardWriter:
             "val_rule": self.val_rule,
             "created_by": f"harness {__version__}",
         }
-        _write_json_atomic(self.out_dir / MANIFEST_NAME, manifest)
+        write_json_atomic(self.out_dir / MANIFEST_NAME, manifest)
         self._manifest = manifest
         return manifest
+
+    def _split(self, name: str) -> _Split:
+        state = self._splits.get(name)
+        if state is None:
+            if not _SPLIT_NAME.match(name):
+                raise ValueError(f"split name must match [a-z][a-z0-9]*, got {name!r}")
+            size = min(BUFFER_TOKENS, max(self.shard_tokens, 1 << 16))
+            state = self._splits[name] = _Split(name, np.empty(size, dtype=DTYPE))
+        return state
+
+    def _state(self) -> dict[str, Any]:
+        """What checkpoint() returns; the buffers must be empty (flushed)."""
+        splits: dict[str, Any] = {}
+        for name, state in self._splits.items():
+            assert state.filled == 0
+            partial = None
+            if state.file is not None and state.path is not None:
+                partial = {"file": state.path.name, "tokens": state.in_shard}
+            splits[name] = {"entries": [dict(e) for e in state.entries], "partial": partial,
+                            "documents": state.documents, "tokens": state.tokens}
+        return {"closing": self._closing, "splits": splits}
+
+    def _restore(self, saved: dict[str, Any]) -> set[str]:
+        """Take over a checkpoint()'s state; returns the shard files it owns."""
+        try:
+            self._closing = bool(saved["closing"])
+            owned: set[str] = set()
+            for name, split in saved["splits"].items():
+                owned |= self._restore_split(self._split(name), split)
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"the saved writer state is damaged ({type(e).__name__}: {e})",
+                            where=str(self.out_dir), fix=_FIX_RESTART) from e
+        return owned
+
+    def _restore_split(self, state: _Split, saved: dict[str, Any]) -> set[str]:
+        state.entries = [{"file": str(e["file"]), "tokens": int(e["tokens"]),
+                          "sha256": str(e["sha256"])} for e in saved["entries"]]
+        state.documents, state.tokens = int(saved["documents"]), int(saved["tokens"])
+        partial = saved["partial"]
+        files = [e["file"] for e in state.entries] + ([partial["file"]] if partial else [])
+        if files != [f"{state.name}_{i:06d}.bin" for i in range(len(files))]:
+            raise ValueError(f"split {state.name}: unexpected shard files {files}")
+        # A closing state's last two shards may be mid evening-out; _even_out_tail checks them.
+        for e in state.entries[:-2] if self._closing else state.entries:
+            self._check_size(self.out_dir / e["file"], e["tokens"])
+        if partial is not None:
+            self._reopen(state, files[-1], int(partial["tokens"]))
+        written = sum(e["tokens"] for e in state.entries) + state.in_shard
+        if written != state.tokens:
+            raise ValueError(f"split {state.name}: {written} tokens in shards, "
+                             f"{state.tokens} counted")
+        return set(files)
+
+    def _reopen(self, state: _Split, file: str, tokens: int) -> None:
+        """Open a partial shard for appending, cut back to its checkpointed `tokens`; the
+        sha256 state is rebuilt by re-reading that prefix."""
+        path = self.out_dir / file
+        size = path.stat().st_size if path.is_file() else -1
+        if size < 2 * tokens:
+            raise UserError(f"{file} holds {max(size, 0) // 2} tokens, fewer than the "
+                            f"{tokens} its checkpoint says were written",
+                            where=str(self.out_dir), fix=_FIX_RESTART)
+        f = open(path, "r+b")  # noqa: SIM115 - closed in _finish_shard
+        f.truncate(2 * tokens)
+        hasher = hashlib.sha256()
+        while chunk := f.read(_HASH_CHUNK):
+            hasher.update(chunk)
+        state.file, state.path, state.in_shard, state.hasher = f, path, tokens, hasher
+
+    def _check_size(self, path: Path, tokens: int) -> None:
+        size = path.stat().st_size if path.is_file() else -1
+        if size != 2 * tokens:
+            raise UserError(f"{path.name}: {size} bytes on disk, the checkpoint says {tokens} "
+                            f"tokens ({2 * tokens} bytes)", where=str(self.out_dir),
+                            fix=_FIX_RESTART)
 
     def _entries(self, name: str) -> list[dict[str, Any]]:
         return list(self._splits[name].entries) if name in self._splits else []
@@ -170,26 +293,52 @@ class ShardWriter:
         state.path = None
 
     def _even_out_tail(self, state: _Split) -> None:
-        """Move tokens from the end of the last full shard to the front of the short tail."""
+        """Move tokens from the end of the last full shard to the front of the short tail.
+
+        Crash-safe and idempotent: the new tail replaces the old one atomically (temporary file
+        + os.replace) before the full shard is cut, and the file sizes tell which of the two
+        steps a killed run had done, so running this again from the pre-evening state finishes
+        the job with the same bytes.
+        """
         prev, tail = state.entries[-2], state.entries[-1]
         keep = (prev["tokens"] + tail["tokens"] + 1) // 2
+        new_tail = prev["tokens"] + tail["tokens"] - keep
         prev_path, tail_path = self.out_dir / prev["file"], self.out_dir / tail["file"]
-        with open(prev_path, "r+b") as f:
-            f.seek(2 * keep)
-            moved = f.read()
-            f.truncate(2 * keep)
-            f.flush()
-            os.fsync(f.fileno())
-        rest = tail_path.read_bytes()
-        with open(tail_path, "wb") as f:
+        tail_size = tail_path.stat().st_size if tail_path.is_file() else -1
+        if tail_size == 2 * tail["tokens"]:
+            self._check_size(prev_path, prev["tokens"])
+            _rewrite_tail(prev_path, tail_path, keep)
+        elif tail_size != 2 * new_tail:
+            self._check_size(tail_path, tail["tokens"])
+        prev_size = prev_path.stat().st_size if prev_path.is_file() else -1
+        if prev_size == 2 * prev["tokens"]:
+            with open(prev_path, "r+b") as f:
+                f.truncate(2 * keep)
+                f.flush()
+                os.fsync(f.fileno())
+        elif prev_size != 2 * keep:
+            self._check_size(prev_path, keep)
+        prev["tokens"], tail["tokens"] = keep, new_tail
+        prev["sha256"] = sha256_file(prev_path)
+        tail["sha256"] = sha256_file(tail_path)
+
+
+def _rewrite_tail(prev_path: Path, tail_path: Path, keep: int) -> None:
+    """Replace the tail shard by (prev's tokens from `keep` on) + (the tail), atomically."""
+    with open(prev_path, "rb") as f:
+        f.seek(2 * keep)
+        moved = f.read()
+    tmp = tail_path.with_name(f".{tail_path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
             f.write(moved)
-            f.write(rest)
+            f.write(tail_path.read_bytes())
             f.flush()
             os.fsync(f.fileno())
-        prev["tokens"] = keep
-        tail["tokens"] = (len(moved) + len(rest)) // 2
-        prev["sha256"] = _sha256_file(prev_path)
-        tail["sha256"] = _sha256_file(tail_path)
+        os.replace(tmp, tail_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(tail_path.parent)
 
 
 def _as_tokens(tokens: Sequence[int] | npt.NDArray[np.integer[Any]]) -> npt.NDArray[Any]:
@@ -206,7 +355,7 @@ def _as_tokens(tokens: Sequence[int] | npt.NDArray[np.integer[Any]]) -> npt.NDAr
     return arr
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_HASH_CHUNK):
@@ -214,7 +363,8 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
+def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
+    """Write JSON through a temporary file, fsync and os.replace: readers see old or new."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -225,8 +375,13 @@ def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (best effort: not every platform can open a folder)."""
     try:
-        fd = os.open(path.parent, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
@@ -332,9 +487,23 @@ def verify(data_dir: Path) -> list[str]:
                 problems.append(f"{e['file']}: {size} bytes on disk, the manifest says "
                                 f"{e['tokens']} tokens ({2 * e['tokens']} bytes)")
                 continue
-            actual = _sha256_file(path)
+            actual = sha256_file(path)
             if actual != e["sha256"]:
                 problems.append(f"{e['file']}: sha256 {actual}, the manifest says {e['sha256']}")
+    problems.extend(_count_problems(manifest))
+    return problems
+
+
+def _count_problems(manifest: dict[str, Any]) -> list[str]:
+    """The per-split token totals (optional in the format) against the shards' sum."""
+    totals = manifest.get("tokens")
+    if not isinstance(totals, dict):
+        return []
+    problems = []
+    for name, entries in manifest["splits"].items():
+        listed = sum(e["tokens"] for e in entries)
+        if name in totals and totals[name] != listed:
+            problems.append(f"tokens.{name} is {totals[name]}, its shards hold {listed}")
     return problems
 
 
