@@ -1,0 +1,535 @@
+"""The agent API: one session is one agent's edits, tests and final submission on one task.
+
+Every call may be a new process (a CLI call, a stdio server request): the session's state
+lives in the ledger. The editable file is the task template plus the session's recorded edit
+ops, replayed on open; tests, charges and the submission are ledger rows.
+
+Budget rules (docs/sessions.md):
+  * a test is refused before anything runs when the budget is used up;
+  * static checks (and any pre-flight inside `prepare`) are free: a refusal there is recorded
+    as failed_submission with charged = 0;
+  * a test is charged when its pretrain stage starts, in a transaction that first checks the
+    budget again;
+  * a failure on our side (failed_infra) or an interruption (cancelled) refunds the charge;
+    the submission's own failure (exception, NaN, time limit) stays charged;
+  * submit(n) takes one finished, succeeded test of the session, once; the session is then
+    closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.attempt import Prepared, Result, preflight_or_refuse, prepare, run_attempt
+from harness.errors import CheckFailed, UserError
+from harness.ledger import (
+    FINISHED,
+    MODES,
+    AttemptRow,
+    Ledger,
+    NoTestsLeft,
+    SessionRow,
+    Settlement,
+    current_owner,
+    now_iso,
+)
+from harness.paths import (
+    AttemptPaths,
+    atomic_write_json,
+    atomic_write_text,
+    new_attempt_id,
+    sha256_bytes,
+    sha256_file,
+)
+from harness.regions import EditSession, text_to_lines, unified_diff
+from harness.runners.base import Runner
+from harness.stages import pretrain
+from harness.task import DEFAULT_TASK, TaskSpec, load_task
+
+SUBMIT_HINT = "call submit(n=N) to choose which test result to submit as final"
+LAST_TEST_NOTE = ("[NOTE] This was your last test. You MUST now call submit(n=X) to choose which "
+                  "test result to submit as your final answer.")
+CURVE_ROWS = 5  # TRAIN_METRICS lines shown per test, as in the transcript
+TRACEBACK_LINES = 20
+EXCERPT_LINES = 24  # longer views after an edit are elided in the middle
+
+
+def data_root_for(home: Path, explicit: Path | None) -> Path:
+    """--data-dir, else $HARNESS_DATA, else <home>/data: independent of the working directory."""
+    env = os.environ.get("HARNESS_DATA")
+    return explicit or (Path(env) if env else home / "data")
+
+
+@dataclass(frozen=True)
+class TestReport:
+    __test__ = False  # not a pytest test class, despite its name
+
+    number: int
+    attempt_id: str
+    status: str
+    charged: bool
+    refunded: bool
+    free: bool  # refused by the checks before anything ran
+    message: str
+
+
+class Session:
+    """view / replace / undo / test / submit / status on one session of the ledger."""
+
+    def __init__(self, ledger: Ledger, row: SessionRow, *, runner: Runner | None = None,
+                 data_dir: Path | None = None) -> None:
+        self.ledger = ledger
+        self.row = row
+        self.task = _load_session_task(row)
+        self.runner = runner
+        self.data_dir = data_root_for(ledger.home, data_dir)
+        self.filename = Path(self.task.template).name
+        self._edits, self._seq = self._replay()
+
+    # -- opening --
+
+    @classmethod
+    def create(cls, *, agent: str, task: str | Path = DEFAULT_TASK, scale: str | None = None,
+               mode: str = "agent", model: str | None = None, budget: int | None = None,
+               preflight: bool = True, home: Path | str | None = None,
+               runner: Runner | None = None, data_dir: Path | None = None) -> Session:
+        spec = load_task(task)
+        scale_name = scale or spec.default_scale
+        spec.scale(scale_name)  # an unknown scale is refused now, not at the first test
+        _check_start_args(agent, mode, budget)
+        ledger = Ledger(home)
+        row = SessionRow(
+            id=new_session_id(), task=spec.name, task_version=spec.version,
+            task_root=str(spec.root), template_sha256=sha256_bytes(spec.template_text().encode()),
+            scale=scale_name, agent=agent, mode=mode, model=model, created_at=now_iso(),
+            budget=spec.test_budget if budget is None else budget, preflight=preflight)
+        try:
+            ledger.create_session(row)
+            return cls(ledger, row, runner=runner, data_dir=data_dir)
+        except BaseException:
+            ledger.close()
+            raise
+
+    @classmethod
+    def open(cls, session_id: str, *, home: Path | str | None = None,
+             runner: Runner | None = None, data_dir: Path | None = None) -> Session:
+        ledger = Ledger(home, create=False)
+        try:
+            return cls(ledger, ledger.session(session_id), runner=runner, data_dir=data_dir)
+        except BaseException:
+            ledger.close()
+            raise
+
+    @property
+    def id(self) -> str:
+        return self.row.id
+
+    def close(self) -> None:
+        self.ledger.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _replay(self) -> tuple[EditSession, int]:
+        edits = EditSession(self.task.template_text(), filename=self.filename)
+        ops = self.ledger.edits(self.id)
+        edits.apply_log([op.as_log() for op in ops], where=f"session {self.id} edit history")
+        return edits, len(ops)
+
+    # -- the editable file --
+
+    def view(self, path: str | None = None, start: int | None = None,
+             end: int | None = None) -> str:
+        name = self._resolve(path, editable=False)
+        if name == self.filename:
+            return self._edits.view(start, end)
+        return _view_read_only(self.task.root / name, name, start, end)
+
+    def replace(self, path: str | None, start_line: int, end_line: int, content: str) -> str:
+        self._resolve(path, editable=True)
+        self._require_open()
+        done = self._edits.replace(start_line, end_line, content)
+        self._record({"op": "replace", "start_line": start_line, "end_line": end_line,
+                      "content": content})
+        shown = len(text_to_lines(content))
+        return f"{done}\n{self._excerpt(start_line, start_line + max(shown, 1) - 1)}"
+
+    def undo(self, n: int = 1) -> str:
+        self._require_open()
+        done = self._edits.undo(n)
+        self._record({"op": "undo", "n": n})
+        return done
+
+    def _record(self, op: dict[str, Any]) -> None:
+        try:
+            self.ledger.append_edit(self.id, self._seq, op)
+        except BaseException:
+            # The op is not in the ledger: drop it here too, so memory matches the record.
+            self._edits, self._seq = self._replay()
+            raise
+        self._seq += 1
+
+    def _resolve(self, path: str | None, *, editable: bool) -> str:
+        """The file a call names: the template by default; a path may carry directories."""
+        if path is None or Path(path).name == self.filename:
+            return self.filename
+        name = Path(path).name
+        if name in self.task.frozen_files:
+            if editable:
+                raise UserError(f"{path} is read-only", where=f"session {self.id}",
+                                fix=f"only {self.filename} has editable regions")
+            return name
+        raise UserError(f"no file {path!r} in this task", where=f"session {self.id}",
+                        fix=f"files: {', '.join(self.task.frozen_files)}")
+
+    def _excerpt(self, first: int, last: int) -> str:
+        """The view around an edit, elided in the middle when long."""
+        total = len(self._edits.layout.lines())
+        lines = self._edits.view(max(1, first - 3), max(1, min(total, last + 3))).split("\n")
+        body = lines[1:]
+        if len(body) > EXCERPT_LINES:
+            head, tail = body[:12], body[-6:]
+            body = [*head, f"... ({len(body) - 18} more lines) ...", *tail]
+        return "\n".join([lines[0], *body])
+
+    # -- tests --
+
+    def test(self) -> str:
+        return self.run_test().message
+
+    def run_test(self) -> TestReport:
+        """One test of the current file: checks (free), then training (charged at its start)."""
+        self._require_open()
+        attempt = self.ledger.new_attempt(self.id, current_owner(), self._provisional_id)
+        state = _Progress(attempt.id)
+        try:
+            return self._run(attempt, state)
+        except BaseException as e:
+            self._settle_crash(state, e)
+            raise
+
+    def _provisional_id(self, number: int) -> str:
+        digest = sha256_bytes(json.dumps(self._edits.regions(), sort_keys=True).encode())
+        return new_attempt_id(self._submission_name(number), digest)
+
+    def _submission_name(self, number: int) -> str:
+        # Without the session's timestamp: the attempt id that embeds this name has its own.
+        return f"ses-{self.id.rsplit('-', 1)[-1]}-t{number}"
+
+    def _run(self, attempt: AttemptRow, state: _Progress) -> TestReport:
+        scale = self.task.scale(self.row.scale)
+        snapshot = self._write_snapshot(attempt.number)
+        self.ledger.set_status(attempt.id, "checking")
+        try:
+            prepared = prepare(snapshot, self.task)
+            state.preflight = self._preflight(prepared)
+        except UserError as e:
+            return self._refused_by_checks(attempt, e)
+        runner = self.runner or _local_runner()
+        self.ledger.set_status(
+            attempt.id, "running", started_at=now_iso(), runner=runner.name,
+            spliced_sha256=sha256_bytes(prepared.spliced.encode()), region_diff=prepared.diff,
+            check_report=json.dumps({"ok": True, "findings": [], "preflight": state.preflight}))
+        result, paths = run_attempt(prepared, self.task, scale, runs_dir=self.ledger.runs_dir,
+                                    data=self.data_dir, runner=runner,
+                                    on_event=self._charge_hook(state))
+        settled = self.ledger.finish(state.attempt_id, Settlement(
+            status=result.status, reason=result.reason, metrics=result.metrics,
+            attempt_dir=str(paths.root), result_sha256=sha256_file(paths.result),
+            gpu_seconds=_gpu_seconds(result, scale.device, scale.nproc_per_node)))
+        state.settled = True
+        return self._report(settled, result, paths.root)
+
+    def _preflight(self, prepared: Prepared) -> dict[str, Any] | None:
+        """The pre-flight report, run here rather than in run_attempt so that its refusal is
+        told apart from other errors and recorded as free; None when the session skips it."""
+        if not self.row.preflight:
+            return None
+        try:
+            return preflight_or_refuse(prepared, self.task).to_dict()
+        except UserError as e:
+            raise UserError(e.what, where=e.where, details=e.details,
+                            fix="fix the submission; pre-flight is free, so this test was not "
+                                "charged") from None
+
+    def _charge_hook(self, state: _Progress) -> Callable[[str, dict[str, Any]], None]:
+        def hook(kind: str, info: dict[str, Any]) -> None:
+            if kind == "stage_start":
+                state.attempt_dir = info["attempt_dir"]
+            if kind == "stage_start" and info["stage"] == pretrain.STAGE:
+                if state.preflight is not None:  # in the manifest, as run_attempt would
+                    atomic_write_json(Path(info["attempt_dir"]) / "checks.json", state.preflight)
+                # Raises (and so stops the launch) when the budget is used up.
+                self.ledger.charge(state.attempt_id, new_id=info["attempt_id"],
+                                   attempt_dir=info["attempt_dir"])
+                state.attempt_id = info["attempt_id"]
+        return hook
+
+    def _settle_crash(self, state: _Progress, error: BaseException) -> None:
+        """An exception left the attempt unsettled: settle it so no row stays in progress."""
+        if state.settled:
+            return
+        # Not an Exception (Ctrl-C, SIGTERM via the CLI, SystemExit): someone stopped it.
+        status = "failed_infra" if isinstance(error, Exception) else "cancelled"
+        said = str(error).strip().splitlines()
+        reason = f"{type(error).__name__}: {said[0]}" if said else type(error).__name__
+        if isinstance(error, NoTestsLeft):  # the charge re-checks the budget: nothing ran
+            status, reason = "cancelled", "refused at stage start: no tests remaining"
+        from harness.audit import close_record
+
+        sha = close_record(Path(state.attempt_dir), status, reason) if state.attempt_dir else None
+        with contextlib.suppress(UserError):  # settled by another process: its record stands
+            self.ledger.finish(state.attempt_id, Settlement(
+                status=status, reason=reason, attempt_dir=state.attempt_dir, result_sha256=sha))
+
+    def _write_snapshot(self, number: int) -> Path:
+        """The file as tested, as a submission directory (region files + meta.toml)."""
+        snap = self.ledger.sessions_dir / self.id / "tests" / str(number)
+        snap.mkdir(parents=True, exist_ok=True)
+        regions = self._edits.regions()
+        for spec in self.task.regions:
+            if spec.id in regions:
+                atomic_write_text(snap / spec.submission_file, regions[spec.id])
+        meta = {"name": self._submission_name(number), "agent": self.row.agent,
+                "mode": self.row.mode, "model": self.row.model or ""}
+        atomic_write_text(snap / "meta.toml", "[submission]\n" + "".join(
+            f"{k} = {json.dumps(v)}\n" for k, v in meta.items()))
+        return snap
+
+    def _refused_by_checks(self, attempt: AttemptRow, error: UserError) -> TestReport:
+        """Checks refused the file: free. The attempt still gets a folder and a result.json."""
+        spliced = self._edits.text()
+        diff = unified_diff(self.task.template_text(), spliced)
+        report = {"ok": False, "error": error.what, "details": error.details,
+                  "findings": [f.__dict__ for f in error.findings]
+                  if isinstance(error, CheckFailed) else []}
+        reason = f"refused by the checks: {error.what}"
+        paths = self._write_refusal(attempt, spliced, diff, report, reason)
+        settled = self.ledger.finish(attempt.id, Settlement(
+            status="failed_submission", reason=reason, attempt_dir=str(paths.root),
+            result_sha256=sha256_file(paths.result), spliced_sha256=sha256_bytes(spliced.encode()),
+            region_diff=diff, check_report=json.dumps(report)))
+        body = UserError(error.what, fix=error.fix, details=error.details).render()
+        message = "\n".join([
+            self._header(settled.number),
+            "[NOT CHARGED] The checks refused this file before anything ran; this test did "
+            "not use your budget.",
+            "### checks", body])
+        return TestReport(settled.number, settled.id, settled.status, False, False, True,
+                          message)
+
+    def _write_refusal(self, attempt: AttemptRow, spliced: str, diff: str,
+                       report: dict[str, Any], reason: str) -> AttemptPaths:
+        """A refused test's folder, like any attempt's, so that audit can verify it."""
+        from harness.envinfo import environment
+
+        paths = AttemptPaths.create(self.ledger.runs_dir, attempt.id)
+        name = self._submission_name(attempt.number)
+        atomic_write_json(paths.checks, report)
+        atomic_write_text(paths.spliced, spliced)
+        atomic_write_text(paths.diff, diff)
+        atomic_write_json(paths.regions, {"kind": "directory", "meta": {"name": name},
+                                          "regions": self._edits.regions()})
+        result = Result(
+            attempt_id=attempt.id, task={"name": self.task.name, "version": self.task.version},
+            scale=self.row.scale, submission={"name": name, "kind": "directory",
+                                              "session": self.id},
+            template_sha256=sha256_bytes(self.task.template_text().encode()),
+            spliced_sha256=sha256_bytes(spliced.encode()), status="failed_submission",
+            runner="none", reason=reason, environment=environment(),
+            started_at=attempt.created_at, finished_at=now_iso())
+        result.artifacts = paths.manifest()
+        atomic_write_json(paths.result, asdict(result))
+        return paths
+
+    def _report(self, a: AttemptRow, result: Result, root: Path) -> TestReport:
+        lines = [self._header(a.number)]
+        if a.refunded:
+            lines.append(f"[REFUNDED] This test failed on our side ({a.reason}); it was not "
+                         "charged to your budget.")
+        elif self._remaining() == 0:
+            lines += [LAST_TEST_NOTE, self._submittable()]
+        lines += _stage_sections(result, root, self.task, self.row.scale)
+        return TestReport(a.number, a.id, a.status, a.charged, a.refunded, False,
+                          "\n".join(lines))
+
+    def _header(self, number: int) -> str:
+        left = self._remaining()
+        return f"[Test #{number}] ({left} test{'' if left == 1 else 's'} remaining; {SUBMIT_HINT})"
+
+    def _remaining(self) -> int:
+        return self.row.budget - self.ledger.used(self.id)
+
+    def _submittable(self) -> str:
+        ok = self.ledger.succeeded_numbers(self.id)
+        if not ok:
+            return "No test has succeeded, so there is nothing to submit."
+        return f"Tests you can submit: {', '.join(f'n={n}' for n in ok)}."
+
+    # -- submission and status --
+
+    def submit(self, n: int) -> str:
+        a = self.ledger.submit(self.id, n)
+        metrics = self.ledger.results(a.id)
+        # The task's own metric order: the primary metric (val_loss) first, as in the board.
+        order = {m.name: i for i, m in enumerate(self.task.metrics)}
+        shown = ", ".join(f"{k}_{self.row.scale}={v:.4f}"
+                          for k, v in sorted(metrics.items(), key=lambda kv: order.get(kv[0], 99)))
+        return (f"Submitted test #{a.number} as your final answer ({shown}). The session is "
+                "closed: no more edits or tests.")
+
+    def _require_open(self) -> None:
+        sub = self.ledger.submission(self.id)
+        if sub is not None:
+            raise UserError(f"the session is closed: test #{sub.number} was submitted as final",
+                            where=f"session {self.id}", fix="start a new session to keep working")
+
+    def status_data(self) -> dict[str, Any]:
+        with self.ledger.snapshot():
+            attempts = self.ledger.attempts(self.id)
+            sub = self.ledger.submission(self.id)
+            used = self.ledger.used(self.id)
+            tests = [{**_attempt_summary(a), "metrics": self.ledger.results(a.id)}
+                     for a in attempts]
+        return {"session": asdict(self.row), "used": used,
+                "remaining": self.row.budget - used, "tests": tests,
+                "submitted": sub.number if sub else None,
+                "editable": self._edits.ranges_text(), "undo_depth": self._edits.undo_depth()}
+
+    def status(self) -> str:
+        d = self.status_data()
+        r = self.row
+        lines = [f"Session {r.id}: task {r.task} {r.task_version}, scale {r.scale}, agent "
+                 f"{r.agent} (mode {r.mode}{', model ' + r.model if r.model else ''})",
+                 f"Tests: {d['used']} of {r.budget} used, {d['remaining']} remaining"]
+        lines += [_status_line(t, r.scale) for t in d["tests"]]
+        lines.append(f"Submitted: test #{d['submitted']}" if d["submitted"] is not None
+                     else f"Submitted: nothing yet ({SUBMIT_HINT})")
+        lines.append(f"[{self.filename} | editable: {d['editable']} | "
+                     f"{d['undo_depth']} edit(s) can be undone]")
+        return "\n".join(lines)
+
+
+@dataclass
+class _Progress:
+    """What a running test has learnt so far, for settling it if it crashes."""
+
+    attempt_id: str
+    attempt_dir: str | None = None
+    settled: bool = False
+    preflight: dict[str, Any] | None = None
+
+
+# --- helpers -----------------------------------------------------------------------
+
+
+def new_session_id() -> str:
+    import secrets
+    import time
+
+    return f"ses-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+
+
+def _check_start_args(agent: str, mode: str, budget: int | None) -> None:
+    if not agent.strip():
+        raise UserError("the agent name is empty", fix="pass --agent NAME")
+    if mode not in MODES:
+        raise UserError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if budget is not None and budget < 0:
+        raise UserError(f"the budget must be 0 or more, not {budget}")
+
+
+def _load_session_task(row: SessionRow) -> TaskSpec:
+    task = load_task(row.task_root if Path(row.task_root).is_dir() else row.task)
+    current = sha256_bytes(task.template_text().encode())
+    if current != row.template_sha256 or task.version != row.task_version:
+        raise UserError(f"the task changed since session {row.id} started (template or version "
+                        f"{row.task_version} -> {task.version})", where=str(task.root),
+                        fix="finish the session with the harness checkout it started with, or "
+                            "start a new session")
+    return task
+
+
+def _local_runner() -> Runner:
+    from harness.runners.local import LocalRunner
+
+    return LocalRunner()
+
+
+def _gpu_seconds(result: Result, device: str, nproc: int) -> float:
+    """Wall time times GPUs over all stages; 0 on CPU scales."""
+    if device != "cuda":
+        return 0.0
+    return sum(float(s.get("wall_s") or 0.0) for s in result.stages.values()) * nproc
+
+
+def _view_read_only(path: Path, name: str, start: int | None, end: int | None) -> str:
+    lines = text_to_lines(path.read_text(encoding="utf-8"))
+    first, last = start or 1, end or len(lines)
+    if not 1 <= first <= last <= len(lines):
+        raise UserError(f"cannot view lines {first}..{last}", where=name,
+                        fix=f"use 1 <= start <= end <= {len(lines)}")
+    width = max(4, len(str(len(lines))))
+    body = [f"{n:>{width}} | {lines[n - 1]}" for n in range(first, last + 1)]
+    return "\n".join([f"[Read-only file: {name} | total: {len(lines)} lines]", *body])
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "nan"
+
+
+def train_metrics_lines(stage_dir: Path, rows: int = CURVE_ROWS) -> list[str]:
+    """The last TRAIN_METRICS lines, rebuilt from metrics.jsonl (never from stdout)."""
+    curve = pretrain.read_curve(stage_dir)[-rows:]
+    return [f"TRAIN_METRICS: step={r.get('step')}, train_loss={_fmt(r.get('train_loss'))}, "
+            f"val_loss={_fmt(r.get('val_loss'))}" for r in curve]
+
+
+def _stage_sections(result: Result, root: Path, task: TaskSpec, scale: str) -> list[str]:
+    """One "### stage (scale)" section per stage that ran, then the failure, if any."""
+    stage_of = {m.name: m.stage for m in task.metrics}
+    out: list[str] = []
+    for stage, info in result.stages.items():
+        out.append(f"### {stage} ({scale})")
+        curve = train_metrics_lines(root / stage) if stage == pretrain.STAGE else []
+        if curve:
+            out += ["Training metrics (last steps):", *curve]
+        mine = {k: v for k, v in result.metrics.items()
+                if stage_of.get(k, pretrain.STAGE) == stage}
+        if mine and result.status == "succeeded":
+            out.append(f"Final metrics ({scale}): " + ", ".join(
+                f"{k}_{scale}={v:.4f}" for k, v in mine.items()))
+        trace = info.get("traceback") or info.get("stderr_tail") or ""
+        if trace:
+            label = "Traceback" if info.get("traceback") else "Last lines of stderr"
+            out += [f"{label} (last lines):",
+                    *str(trace).rstrip().splitlines()[-TRACEBACK_LINES:]]
+    if result.status == "failed_submission":  # an infra failure has its [REFUNDED] line
+        out.append(f"[FAILED] {result.reason}")
+    return out
+
+
+def _attempt_summary(a: AttemptRow) -> dict[str, Any]:
+    return {"number": a.number, "attempt_id": a.id, "status": a.status, "charged": a.charged,
+            "refunded": a.refunded, "reason": a.reason, "finished": a.status in FINISHED}
+
+
+def _charge_label(t: dict[str, Any]) -> str:
+    if t["refunded"]:
+        return "refunded"
+    return "charged" if t["charged"] else "not charged"
+
+
+def _status_line(t: dict[str, Any], scale: str) -> str:
+    metrics = ", ".join(f"{k}_{scale}={v:.4f}" for k, v in t["metrics"].items())
+    return (f"  #{t['number']} {t['status']:<17} {_charge_label(t):<11} "
+            f"{metrics or t['reason'] or ''}")

@@ -1,0 +1,58 @@
+"""A fast stand-in for the local runner, for session tests that need no real training.
+
+It writes what the frozen template would (metrics.jsonl, final.json, or an error record)
+into the stage's folder, so everything downstream of the runner runs for real.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.runners.base import StageRun, StageSpec
+from harness.stages import lmeval
+
+STDOUT_DECOY = "TRAIN_METRICS: step=999, train_loss=0.0001, val_loss=0.0001"
+
+
+@dataclass
+class FakeRunner:
+    """outcome: "ok" (val_loss), "raise" (the submission raised), "infra" (never started)."""
+
+    outcome: str = "ok"
+    val_loss: float = 4.25
+    sleep_s: float = 0.0
+    name: str = "fake"
+
+    def run(self, spec: StageSpec) -> StageRun:
+        out = spec.log_dir
+        out.mkdir(parents=True, exist_ok=True)
+        stdout, stderr = out / "stdout.log", out / "stderr.log"
+        if self.outcome == "infra":
+            return StageRun(None, False, False, 0.0, stdout, stderr, error="no such image")
+        time.sleep(self.sleep_s)
+        if spec.name == lmeval.STAGE:
+            return self._eval(spec, stdout, stderr)
+        rows = [{"step": s, "train_loss": None if s == 0 else 5.0 - s / 100,
+                 "val_loss": 5.5 - s / 100} for s in (0, 10, 20, 30)]
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        # A decoy: scores must come from metrics.jsonl, never from what a stage prints.
+        stdout.write_text(f"fake stage {spec.name} in {spec.cwd}\n{STDOUT_DECOY}\n")
+        stderr.write_text("")
+        if self.outcome == "raise":
+            (out / "error_rank0.json").write_text(json.dumps(
+                {"kind": "exception", "message": "Traceback ...\nRuntimeError: boom at step 5\n"}))
+            return StageRun(1, True, False, 0.01, stdout, stderr)
+        (out / "final.json").write_text(json.dumps({"val_loss": self.val_loss}))
+        return StageRun(0, True, False, 0.01, stdout, stderr)
+
+    def _eval(self, spec: StageSpec, stdout: Path, stderr: Path) -> StageRun:
+        """What eval_lm.py writes: an eval.json with every headline metric."""
+        metrics = {name: 50.0 for name in lmeval.HEADLINE}
+        (spec.log_dir / lmeval.EVAL_FILE).write_text(json.dumps(
+            {"format": lmeval.FORMAT, "metrics": metrics}))
+        stdout.write_text(f"fake stage {spec.name}\n")
+        stderr.write_text("")
+        return StageRun(0, True, False, 0.01, stdout, stderr)
