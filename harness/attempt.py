@@ -9,13 +9,15 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from harness import __version__
+from harness.checks.preflight import PreflightReport
 from harness.checks.static import RegionText, check_spliced
-from harness.errors import CheckFailed, UserError
+from harness.errors import CheckFailed, InfraError, UserError
 from harness.paths import (
     AttemptPaths,
     atomic_write_json,
@@ -26,7 +28,7 @@ from harness.paths import (
 )
 from harness.regions import parse_layout, splice, unified_diff
 from harness.runners.base import Outcome, Runner
-from harness.stages import pretrain
+from harness.stages import lmeval, pretrain
 from harness.submission import Submission, load_submission
 from harness.task import ScaleSpec, TaskSpec
 
@@ -56,6 +58,25 @@ def prepare(submission_path: Path, task: TaskSpec) -> Prepared:
     if findings:
         raise CheckFailed(findings, where=str(submission_path))
     return Prepared(sub, spliced, unified_diff(template, spliced))
+
+
+def preflight_or_refuse(prepared: Prepared, task: TaskSpec) -> PreflightReport:
+    """Pre-flight on CPU (seconds, free): its report, or a refusal: UserError (exit 2) when
+    the submission failed a check, InfraError when only our side did."""
+    import tempfile
+
+    from harness.checks.preflight import run_preflight
+
+    with tempfile.TemporaryDirectory(prefix="harness-preflight-") as tmp:
+        report = run_preflight(task, prepared.spliced, work_dir=Path(tmp))
+    if report.ok:
+        return report
+    failed = ", ".join(c.id for c in report.failed) or ", ".join(report.skipped)
+    if report.failed and all(c.status == "error" for c in report.failed):
+        raise InfraError(f"pre-flight could not run ({failed}):\n{report.render()}")
+    raise UserError(f"pre-flight failed: {failed}", where=str(prepared.submission.source),
+                    fix="fix the submission; nothing was charged and no attempt was created",
+                    details=report.render())
 
 
 def data_root(explicit: Path | None = None) -> Path:
@@ -98,6 +119,9 @@ class Result:
     started_at: str = ""
     finished_at: str | None = None
     artifacts: dict[str, str] = field(default_factory=dict)
+    # The pre-flight that cleared the attempt, one line per check (checks.json has the
+    # full report). Empty when the caller ran no pre-flight.
+    preflight: dict[str, Any] = field(default_factory=dict)
 
 
 def _now() -> str:
@@ -109,13 +133,24 @@ def _sha(text: str) -> str:
 
 
 def run_attempt(prepared: Prepared, task: TaskSpec, scale: ScaleSpec, *, runs_dir: Path,
-                data: Path, runner: Runner) -> tuple[Result, AttemptPaths]:
+                data: Path, runner: Runner,
+                on_event: Callable[[str, dict[str, Any]], None] | None = None,
+                preflight: bool = False,
+                ) -> tuple[Result, AttemptPaths]:
+    """on_event(kind, info): "stage_start" just before a stage launches (raising there stops
+    it from launching: the ledger charges the budget at this point) and "stage_end" after.
+    preflight: run the pre-flight checks first; a failure raises before the attempt exists."""
     from harness.envinfo import environment
 
     sub = prepared.submission
     # Resolved before the attempt exists: missing data is the user's to fix, not a crash.
     data_dir = dataset_dir(scale, data)
+    # Likewise the eval sets of a scale that scores with lm-eval (smoke: built on first use).
+    eval_sets = lmeval.evals_dir(scale, data) if lmeval.STAGE in scale.stages else None
+    checks = preflight_or_refuse(prepared, task) if preflight else None
     paths = AttemptPaths.create(runs_dir, new_attempt_id(sub.name, sub.sha256))
+    if checks is not None:
+        atomic_write_json(paths.checks, checks.to_dict())
     atomic_write_text(paths.spliced, prepared.spliced)
     atomic_write_text(paths.diff, prepared.diff)
     atomic_write_json(paths.regions, {"kind": sub.kind, "source": str(sub.source),
@@ -130,6 +165,7 @@ def run_attempt(prepared: Prepared, task: TaskSpec, scale: ScaleSpec, *, runs_di
                     "source": str(sub.source), "meta": sub.meta},
         template_sha256=_sha(task.template_text()), spliced_sha256=_sha(prepared.spliced),
         status="running", runner=runner.name, environment=environment(), started_at=_now(),
+        preflight=checks.summary() if checks is not None else {},
     )
     # The record exists before the work starts: a crash leaves a visible "running" row.
     atomic_write_json(paths.result, asdict(result))
@@ -139,8 +175,14 @@ def run_attempt(prepared: Prepared, task: TaskSpec, scale: ScaleSpec, *, runs_di
                       "manifest_sha256": sha256_file(data_dir / "manifest.json")}
     spec = pretrain.build(scale, attempt_dir=paths.root, script=paths.spliced,
                           data_dir=data_dir, out_dir=out_dir)
+    event: dict[str, Any] = {"stage": pretrain.STAGE, "attempt_id": paths.root.name,
+                             "attempt_dir": str(paths.root), "log_dir": str(out_dir)}
+    if on_event:
+        on_event("stage_start", event)
     run = runner.run(spec)
     got = pretrain.collect(run, out_dir)
+    if on_event:
+        on_event("stage_end", {**event, "outcome": got.outcome.value, "wall_s": run.wall_s})
     result.status = got.outcome.value
     result.reason = got.reason
     result.metrics = got.metrics
@@ -150,10 +192,47 @@ def run_attempt(prepared: Prepared, task: TaskSpec, scale: ScaleSpec, *, runs_di
         "stderr_tail": run.stderr_tail() if got.outcome is not Outcome.SUCCEEDED else "",
         "traceback": got.traceback,
     }
+    if eval_sets is not None and got.outcome is Outcome.SUCCEEDED:
+        run_lm_eval(task, scale, paths, eval_sets, runner, result, on_event)
     result.finished_at = _now()
     result.artifacts = paths.manifest()
     atomic_write_json(paths.result, asdict(result))
     return result, paths
+
+
+def run_lm_eval(task: TaskSpec, scale: ScaleSpec, paths: AttemptPaths, evals: Path,
+                runner: Runner, result: Result,
+                on_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+    """The lm-eval stage on pretrain's checkpoint: its metrics join val_loss in result.metrics;
+    a failure of it decides the attempt's status (val_loss stays recorded)."""
+    script = paths.root / lmeval.SCRIPT
+    if not script.exists():  # copied with the frozen files once task.toml lists it
+        shutil.copyfile(task.root / lmeval.SCRIPT, script)
+    out_dir = paths.stage_dir(lmeval.STAGE)
+    spec = lmeval.build(script=script, attempt_dir=paths.root,
+                        checkpoint=paths.root / pretrain.STAGE / "ckpt.pt", evals=evals,
+                        out_dir=out_dir, settings=lmeval.settings_for(scale),
+                        timeout_s=float(scale.timeout_s))
+    event: dict[str, Any] = {"stage": lmeval.STAGE, "attempt_id": paths.root.name,
+                             "attempt_dir": str(paths.root), "log_dir": str(out_dir)}
+    if on_event:
+        on_event("stage_start", event)
+    run = runner.run(spec)
+    got = lmeval.collect(run, out_dir, [m.name for m in task.metrics if m.stage == lmeval.STAGE])
+    if on_event:
+        on_event("stage_end", {**event, "outcome": got.outcome.value, "wall_s": run.wall_s})
+    keep = ("lm_eval_version", "convention", "metrics", "secondary", "detail", "settings",
+            "evals", "samples_sha256", "error")
+    result.stages[lmeval.STAGE] = {
+        "returncode": run.returncode, "wall_s": round(run.wall_s, 3), "timed_out": run.timed_out,
+        "argv": list(spec.argv), "outcome": got.outcome.value, "reason": got.reason,
+        "stderr_tail": run.stderr_tail() if got.outcome is not Outcome.SUCCEEDED else "",
+        **{k: got.report[k] for k in keep if k in got.report},
+    }
+    if got.outcome is Outcome.SUCCEEDED:
+        result.metrics.update(got.metrics)
+    else:
+        result.status, result.reason = got.outcome.value, got.reason
 
 
 def load_result(path: Path) -> dict[str, Any]:

@@ -13,10 +13,14 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness import __version__
 from harness.errors import HarnessError
+
+if TYPE_CHECKING:
+    from harness.checks.preflight import PreflightReport
+    from harness.task import TaskSpec
 
 EXIT_SUBMISSION_FAILED = 4
 
@@ -46,11 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"harness {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("check", help="splice a submission and run the static checks (free)")
+    p = sub.add_parser("check", help="static checks, then the CPU pre-flight checks (free)")
     p.add_argument("submission", type=Path,
                    help="directory, region .py, full .py or edit-log .json")
     _task_arg(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--static-only", action="store_true",
+                   help="skip the pre-flight checks (which run the code on CPU for ~a minute)")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("rules", help="list the static-check rules")
@@ -80,13 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="prepare or verify token shards")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     q = dsub.add_parser("prepare", help="build a dataset")
-    q.add_argument("dataset", choices=["smoke"], help="smoke: Python stdlib docstrings (embedded)")
+    q.add_argument("dataset", choices=["smoke", "evals", "fineweb"],
+                   help="smoke: Python stdlib docstrings (embedded); evals: the lm-eval sets; "
+                        "fineweb: parquet files or a hub id (docs/data.md)")
     q.add_argument("--out", type=Path, required=True)
-    q.add_argument("--max-tokens", type=int, default=2_000_000)
+    q.add_argument("--max-tokens", type=int, default=None,
+                   help="stop at the first document end reaching this many tokens "
+                        "(default: smoke 2,000,000; fineweb all)")
+    _evals_prepare_args(q)
+    _fineweb_prepare_args(q)
     q.set_defaults(func=cmd_data_prepare)
     q = dsub.add_parser("verify", help="re-hash shards against their manifest")
     q.add_argument("dir", type=Path)
     q.set_defaults(func=cmd_data_verify)
+    _add_eval_command(sub)
+    _add_session_commands(sub)
     return parser
 
 
@@ -100,17 +114,36 @@ def cmd_check(args: argparse.Namespace) -> int:
         prepared = prepare(args.submission, task)
     except CheckFailed as e:
         if args.json:
-            print(json.dumps({"ok": False, "findings": [f.__dict__ for f in e.findings]}, indent=2))
+            print(json.dumps({"ok": False, "findings": [f.__dict__ for f in e.findings],
+                              "preflight": None}, indent=2))
             return 2
         raise
+    if not args.json:
+        changed = ", ".join(sorted(prepared.submission.regions)) or "none (template defaults)"
+        print(f"OK: {args.submission} passes the static checks (regions set: {changed})",
+              flush=True)
+    report = None if args.static_only else _preflight(prepared.spliced, task)
+    ok = report is None or report.ok
     if args.json:
         sub = prepared.submission
-        print(json.dumps({"ok": True, "findings": [], "submission_sha256": sub.sha256,
-                          "regions": sorted(sub.regions)}, indent=2))
-    else:
-        changed = ", ".join(sorted(prepared.submission.regions)) or "none (template defaults)"
-        print(f"OK: {args.submission} passes the static checks (regions set: {changed})")
-    return 0
+        print(json.dumps({"ok": ok, "findings": [], "submission_sha256": sub.sha256,
+                          "regions": sorted(sub.regions),
+                          "preflight": report.to_dict() if report else None}, indent=2))
+    elif report is not None:
+        print(report.render(), file=sys.stdout if ok else sys.stderr)
+    if report is not None and report.failed and all(c.status == "error" for c in report.failed):
+        return 3  # only our side failed: the submission was not judged
+    return 0 if ok else 2
+
+
+def _preflight(spliced: str, task: TaskSpec) -> PreflightReport:
+    """The pre-flight report (harness.checks.preflight) for a spliced, checked template."""
+    import tempfile
+
+    from harness.checks.preflight import run_preflight
+
+    with tempfile.TemporaryDirectory(prefix="harness-preflight-") as tmp:
+        return run_preflight(task, spliced, work_dir=Path(tmp))
 
 
 def cmd_rules(args: argparse.Namespace) -> int:
@@ -152,7 +185,8 @@ def _run_one(submission: Path, args: argparse.Namespace) -> dict[str, Any]:
     scale = task.scale(args.scale)
     prepared = prepare(submission, task)
     result, paths = run_attempt(prepared, task, scale, runs_dir=_runs_dir(args),
-                                data=data_root(args.data_dir), runner=LocalRunner())
+                                data=data_root(args.data_dir), runner=LocalRunner(),
+                                preflight=True)
     out = asdict(result)
     out["result_path"] = str(paths.result)
     return out
@@ -235,7 +269,12 @@ def cmd_validate_task(args: argparse.Namespace) -> int:
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from harness.data.smoke import prepare_smoke
 
-    manifest = prepare_smoke(args.out, max_tokens=args.max_tokens)
+    if args.dataset == "evals":
+        return cmd_data_prepare_evals(args)
+    if args.dataset == "fineweb":
+        return cmd_data_prepare_fineweb(args)
+    max_tokens = 2_000_000 if args.max_tokens is None else args.max_tokens
+    manifest = prepare_smoke(args.out, max_tokens=max_tokens)
     counts = {s: sum(e["tokens"] for e in files) for s, files in manifest["splits"].items()}
     print(f"OK: {args.out}: " + ", ".join(f"{s} {n:,} tokens" for s, n in counts.items()))
     return 0
@@ -252,6 +291,362 @@ def cmd_data_verify(args: argparse.Namespace) -> int:
         return 2
     print(f"OK: {args.dir}: every shard matches its manifest")
     return 0
+
+
+# --- FineWeb token shards (docs/data.md) -----------------------------------------------
+
+
+def _fineweb_prepare_args(q: argparse.ArgumentParser) -> None:
+    g = q.add_argument_group("fineweb", "options of `data prepare fineweb` (with --source)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="tokenizer processes (default: one per CPU; 0: in-process)")
+    v = g.add_mutually_exclusive_group()
+    v.add_argument("--val-every", type=int, default=None,
+                   help="val: one document in N by a seeded sha256 of its text (default 100)")
+    v.add_argument("--val-docs", type=int, default=None,
+                   help="val: the first N rows of the source instead")
+    g.add_argument("--seed", type=int, default=0, help="seed of the --val-every hash")
+    g.add_argument("--shard-tokens", type=int, default=100_000_000,
+                   help="tokens per shard (default: %(default)s)")
+    g.add_argument("--hf-config", default=None,
+                   help="hub id only: the dataset config, e.g. sample-10BT")
+    g.add_argument("--hf-split", default="train", help="hub id only (default: %(default)s)")
+
+
+def cmd_data_prepare_fineweb(args: argparse.Namespace) -> int:
+    from harness.data.fineweb import prepare_fineweb, print_log
+    from harness.errors import UserError
+
+    if args.source is None:
+        raise UserError("`data prepare fineweb` needs --source: a folder of parquet files "
+                        "or a hub id (docs/data.md)")
+    manifest = prepare_fineweb(
+        str(args.source), args.out, max_tokens=args.max_tokens, workers=args.workers,
+        val_every=args.val_every, val_docs=args.val_docs, seed=args.seed,
+        shard_tokens=args.shard_tokens, hf_config=args.hf_config, hf_split=args.hf_split,
+        log=print_log)
+    parts = [f"{s} {manifest['tokens'][s]:,} tokens in {manifest['documents'][s]:,} documents"
+             for s in manifest["splits"]]
+    print(f"OK: {args.out}: " + ", ".join(parts))
+    return 0
+
+
+# --- eval sets and the lm-eval stage (docs/evaluation.md) --------------------------------
+
+
+def _evals_prepare_args(q: argparse.ArgumentParser) -> None:
+    g = q.add_argument_group("evals", "options of `data prepare evals`")
+    g.add_argument("--source", type=Path, default=None,
+                   help="local folder (an HF cache or download) holding the six datasets; "
+                        "fineweb: a folder of parquet files, or a hub id")
+    g.add_argument("--file", action="append", default=[], metavar="TASK=PATH",
+                   help="one task's file (jsonl/json/parquet/arrow); repeatable")
+    g.add_argument("--smoke", action="store_true",
+                   help="small sets from the smoke corpus's held-out documents instead")
+    g.add_argument("--corpus", type=Path, default=None,
+                   help="with --smoke: the prepared smoke corpus (default: <data-dir>/smoke, "
+                        "built when missing)")
+    g.add_argument("--docs", type=int, default=64, help="with --smoke: documents per task")
+
+
+def _add_eval_command(sub: Any) -> None:
+    p = sub.add_parser("eval", help="score an attempt's checkpoint with lm-eval (eval.json)")
+    p.add_argument("target", type=Path, help="an attempt folder, or a ckpt.pt")
+    _task_arg(p)
+    p.add_argument("--script", type=Path, default=None,
+                   help="the spliced custom_pretrain.py (default: the attempt's)")
+    p.add_argument("--evals", type=Path, default=None,
+                   help="prepared eval sets (default: <data-dir>/evals)")
+    p.add_argument("--smoke", action="store_true", help="use the smoke eval sets")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="root of prepared datasets (default: $HARNESS_DATA or ./data)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: <attempt>/lm-eval-manual)")
+    p.add_argument("--limit", type=int, default=None, help="documents per task (quick runs)")
+    p.add_argument("--bootstrap-iters", type=int, default=100_000)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.set_defaults(func=cmd_eval)
+
+
+def _parse_files(pairs: Sequence[str]) -> dict[str, Path]:
+    from harness.errors import UserError
+
+    files = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--file takes TASK=PATH, not {pair!r}")
+        files[name] = Path(path)
+    return files
+
+
+def cmd_data_prepare_evals(args: argparse.Namespace) -> int:
+    from harness.attempt import data_root
+    from harness.data import evals
+
+    if args.smoke:
+        from harness.data.smoke import prepare_smoke
+
+        corpus = args.corpus or data_root(None) / "smoke"
+        if args.corpus is None:
+            prepare_smoke(corpus)
+        manifest = evals.prepare_smoke_evals(args.out, corpus, docs=args.docs)
+    else:
+        manifest = evals.prepare_from_source(args.out, args.source, _parse_files(args.file))
+    counts = ", ".join(f"{k} {v['docs']}" for k, v in sorted(manifest["tasks"].items()))
+    print(f"OK: {args.out}: {manifest['kind']} eval sets: {counts} documents")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from harness.attempt import data_root
+    from harness.runners.base import Outcome
+    from harness.stages import lmeval
+    from harness.task import load_task
+
+    task = load_task(args.task)
+    root = data_root(args.data_dir)
+    evals = args.evals or (lmeval.evals_dir(task.scale("smoke"), root) if args.smoke
+                           else root / "evals")
+    attempt, _, _ = lmeval.resolve_target(args.target, args.script)
+    out = args.out or attempt / "lm-eval-manual"
+    settings = lmeval.EvalSettings(limit=args.limit, bootstrap_iters=args.bootstrap_iters,
+                                   device=args.device)
+    got = lmeval.run_manual(args.target, evals=evals, out_dir=out, settings=settings,
+                            task_root=task.root, script=args.script)
+    for name, value in got.metrics.items():
+        print(f"{name:<14} {value:.4f}")
+    print(f"{got.outcome.value}: {got.reason}; eval.json and logs in {_shown(str(out))}")
+    return {Outcome.SUCCEEDED: 0, Outcome.FAILED_INFRA: 3}.get(got.outcome,
+                                                              EXIT_SUBMISSION_FAILED)
+
+
+# --- agent sessions and the ledger (docs/sessions.md) ----------------------------------
+
+
+def _home_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--home", type=Path, default=None,
+                   help="harness home: ledger.sqlite3 and runs/ (default: $HARNESS_HOME or "
+                        "~/.local/share/bitlinear-harness)")
+
+
+def _session_parser(ssub: Any, name: str, helptext: str, func: Handler,
+                    data: bool = False) -> argparse.ArgumentParser:
+    q: argparse.ArgumentParser = ssub.add_parser(name, help=helptext)
+    q.add_argument("id", help="the session id printed by `harness session start`")
+    _home_arg(q)
+    if data:
+        q.add_argument("--data-dir", type=Path, default=None,
+                       help="root of prepared datasets (default: $HARNESS_DATA or <home>/data)")
+    q.set_defaults(func=func)
+    return q
+
+
+def _add_session_commands(sub: Any) -> None:
+    from harness.ledger import MODES
+
+    p = sub.add_parser("session", help="an agent session: view, edit, undo, test, submit")
+    ssub = p.add_subparsers(dest="session_command", required=True, metavar="ACTION")
+    q = ssub.add_parser("start", help="start a session and print its id")
+    _task_arg(q)
+    _home_arg(q)
+    q.add_argument("--scale", default=None, help="(default: the task's default scale)")
+    q.add_argument("--agent", required=True, help="who works in the session")
+    q.add_argument("--mode", default="agent", choices=MODES)
+    q.add_argument("--model", default=None, help="the model behind the agent")
+    q.add_argument("--budget", type=int, default=None,
+                   help="tests allowed (default: the task's test_budget)")
+    q.add_argument("--no-preflight", dest="preflight", action="store_false",
+                   help="skip the (free) pre-flight checks before each training")
+    q.set_defaults(func=cmd_session_start)
+    q = ssub.add_parser("list", help="list the sessions of a home")
+    _home_arg(q)
+    q.set_defaults(func=cmd_session_list)
+    q = _session_parser(ssub, "view", "print numbered lines of the file", cmd_session_view)
+    q.add_argument("--path", default=None, help="file (default: the training script)")
+    q.add_argument("--start", type=int, default=None)
+    q.add_argument("--end", type=int, default=None)
+    q = _session_parser(ssub, "edit", "replace lines START..END", cmd_session_edit)
+    q.add_argument("--path", default=None, help="file (default: the training script)")
+    q.add_argument("--start", type=int, required=True)
+    q.add_argument("--end", type=int, required=True, help="START - 1 inserts before START")
+    text = q.add_mutually_exclusive_group(required=True)
+    text.add_argument("--content", help="the new lines")
+    text.add_argument("--content-file", type=Path,
+                      help="read the new lines from a file ('-': stdin)")
+    q = _session_parser(ssub, "undo", "revert the last N edits", cmd_session_undo)
+    q.add_argument("-n", type=int, default=1)
+    _session_parser(ssub, "test", "check, then train (charged when training starts)",
+                    cmd_session_test, data=True)
+    q = _session_parser(ssub, "submit", "choose test #N as the final answer", cmd_session_submit)
+    q.add_argument("n", type=int, help="the test number")
+    q = _session_parser(ssub, "status", "budget, tests and submission", cmd_session_status)
+    q.add_argument("--json", action="store_true")
+    q = ssub.add_parser("tools", help="print the JSON tool schemas")
+    q.add_argument("--format", choices=["openai", "anthropic"], default="openai")
+    q.set_defaults(func=cmd_session_tools)
+    q = ssub.add_parser("serve", help="answer JSON tool calls, one per line")
+    q.add_argument("--stdio", action="store_true", required=True, help="over stdin/stdout")
+    _home_arg(q)
+    q.add_argument("--data-dir", type=Path, default=None)
+    q.add_argument("--session", default=None,
+                   help="serve only this session: requests may leave out 'session' and "
+                        "cannot start new ones (give agents this)")
+    q.set_defaults(func=cmd_session_serve)
+
+    p = sub.add_parser("audit", help="a session's history; re-hash every recorded file")
+    p.add_argument("target", help="a session id, an attempt id, or SESSION:N")
+    _home_arg(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_audit)
+    p = sub.add_parser("logs", help="print a test's stage logs")
+    p.add_argument("attempt", help="an attempt id (or unique prefix), or SESSION:N")
+    _home_arg(p)
+    p.add_argument("--stage", default="pretrain", choices=["pretrain", "lm-eval"])
+    p.add_argument("--follow", action="store_true", help="keep printing until the test ends")
+    p.set_defaults(func=cmd_logs)
+    p = sub.add_parser("recover", help="settle tests whose harness process died")
+    _home_arg(p)
+    p.set_defaults(func=cmd_recover)
+
+
+def _open_session(args: argparse.Namespace) -> Any:
+    from harness.session import Session
+
+    return Session.open(args.id, home=args.home, data_dir=getattr(args, "data_dir", None))
+
+
+def cmd_session_start(args: argparse.Namespace) -> int:
+    from harness.session import Session
+
+    with Session.create(agent=args.agent, task=args.task, scale=args.scale, mode=args.mode,
+                        model=args.model, budget=args.budget, preflight=args.preflight,
+                        home=args.home) as s:
+        print(s.id)
+    return 0
+
+
+def cmd_session_list(args: argparse.Namespace) -> int:
+    from harness.ledger import Ledger
+
+    with Ledger(args.home, create=False) as ledger:
+        for s in ledger.sessions():
+            sub = ledger.submission(s.id)
+            print(f"{s.id}  {s.task} {s.scale}  agent {s.agent}  {ledger.used(s.id)}/{s.budget} "
+                  f"used  {'submitted #' + str(sub.number) if sub else 'open'}")
+    return 0
+
+
+def cmd_session_view(args: argparse.Namespace) -> int:
+    with _open_session(args) as s:
+        print(s.view(args.path, args.start, args.end))
+    return 0
+
+
+def cmd_session_edit(args: argparse.Namespace) -> int:
+    from harness.submission import read_text
+
+    content = args.content
+    if args.content_file is not None:
+        path = args.content_file
+        content = sys.stdin.read() if str(path) == "-" else read_text(path)
+    with _open_session(args) as s:
+        print(s.replace(args.path, args.start, args.end, content))
+    return 0
+
+
+def cmd_session_undo(args: argparse.Namespace) -> int:
+    with _open_session(args) as s:
+        print(s.undo(args.n))
+    return 0
+
+
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (a timeout, a scheduler) unwinds like Ctrl-C: the stage is killed and the test
+    settled as cancelled, instead of a row left running until `harness recover`."""
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def cmd_session_test(args: argparse.Namespace) -> int:
+    _interrupt_on_sigterm()
+    with _open_session(args) as s:
+        report = s.run_test()
+    print(report.message)
+    return 2 if report.free else _exit_for(report.status)
+
+
+def cmd_session_submit(args: argparse.Namespace) -> int:
+    with _open_session(args) as s:
+        print(s.submit(args.n))
+    return 0
+
+
+def cmd_session_status(args: argparse.Namespace) -> int:
+    with _open_session(args) as s:
+        print(json.dumps(s.status_data(), indent=2) if args.json else s.status())
+    return 0
+
+
+def cmd_session_tools(args: argparse.Namespace) -> int:
+    from harness.tools import tool_schemas
+
+    print(json.dumps(tool_schemas(args.format), indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_session_serve(args: argparse.Namespace) -> int:
+    import io
+
+    from harness.tools import Server, serve
+
+    _interrupt_on_sigterm()
+    # Undecodable bytes become U+FFFD and then a JSON error reply, never a crash.
+    inp = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
+    return serve(inp, sys.stdout, Server(home=args.home, data_dir=args.data_dir,
+                                         pinned=args.session))
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from harness.audit import audit
+    from harness.ledger import Ledger
+
+    with Ledger(args.home, create=False) as ledger:
+        report = audit(ledger, args.target)
+    print(json.dumps(report.as_json(), indent=2) if args.json else report.text())
+    return 2 if report.tampered else 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from harness.audit import follow_logs, print_logs, stage_log_paths
+    from harness.ledger import Ledger
+
+    with Ledger(args.home, create=False) as ledger:
+        attempt = ledger.find_attempt(args.attempt)
+        if args.follow:
+            follow_logs(ledger, attempt, args.stage, sys.stdout)
+        else:
+            print_logs(stage_log_paths(attempt, args.stage), sys.stdout)
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from harness.audit import recover
+    from harness.ledger import Ledger
+
+    with Ledger(args.home, create=False) as ledger:
+        found = recover(ledger)
+        problems = ledger.integrity_check()
+    for r in found:
+        print(r.render())
+    settled = sum(r.action == "settled" for r in found)
+    print(f"recover: {settled} attempt(s) settled, {len(found) - settled} left alone; ledger "
+          f"{'consistent' if not problems else 'has problems: ' + '; '.join(problems)}")
+    return 2 if problems else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
