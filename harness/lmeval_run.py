@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.data import evals as evalsets
+from harness.paths import sha256_file
 from harness.stages import lmeval as stage
 
 DTYPES = {"float32": None, "bfloat16": "bfloat16", "float16": "float16"}
@@ -47,16 +48,6 @@ class EvalRequest:
     device: str = "auto"
     dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, float32 on CPU
     batch_tokens: int = 0  # 0: chosen from the device's memory
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _jsonable(value: Any) -> Any:
@@ -182,12 +173,12 @@ def evaluate(request: EvalRequest) -> dict[str, Any]:
         "settings": {"limit": request.limit, "num_fewshot": 0,
                      "bootstrap_iters": request.bootstrap_iters, "dtype": request.dtype},
         "model": model_info,
-        "checkpoint": {"path": str(request.checkpoint), "sha256": _sha256(request.checkpoint)},
-        "spliced_sha256": _sha256(request.script),
+        "checkpoint": {"path": str(request.checkpoint), "sha256": sha256_file(request.checkpoint)},
+        "spliced_sha256": sha256_file(request.script),
         "evals": {"dir": str(Path(request.evals).resolve()), "kind": manifest.get("kind"),
                   "manifest_sha256": evalsets.manifest_sha256(request.evals)},
         "samples_file": stage.SAMPLES_FILE, "samples_lines": n_samples,
-        "samples_sha256": _sha256(samples_path),
+        "samples_sha256": sha256_file(samples_path),
         "wall_s": round(time.monotonic() - t0, 3),
     }
     write_json_atomic(out, report)
