@@ -30,6 +30,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from harness.paths import sha256_file  # noqa: E402
 from harness.regions import splice  # noqa: E402
 from harness.submission import load_submission  # noqa: E402
 from harness.task import load_task  # noqa: E402
@@ -79,7 +80,8 @@ def synthetic_data(root: Path, tokens: int) -> Path:
     splits = {}
     for split, n in (("train", tokens), ("val", tokens // 10)):
         rng.integers(0, 50257, n, dtype=np.uint16).tofile(root / f"{split}_000000.bin")
-        splits[split] = [{"file": f"{split}_000000.bin", "tokens": n}]
+        splits[split] = [{"file": f"{split}_000000.bin", "tokens": n,
+                          "sha256": sha256_file(root / f"{split}_000000.bin")}]
     (root / "manifest.json").write_text(json.dumps({
         "format": "harness-token-shards/1", "splits": splits,
         "tokenizer": {"name": "gpt2", "dtype": "uint16", "vocab_size": 50257, "eot": 50256}}))

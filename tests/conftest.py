@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -28,7 +29,8 @@ def write_shards(root: Path, train: np.ndarray, val: np.ndarray) -> Path:
     for split, arr in (("train", train), ("val", val)):
         name = f"{split}_000000.bin"
         arr.astype(np.uint16).tofile(root / name)
-        splits[split] = [{"file": name, "tokens": int(arr.size)}]
+        digest = hashlib.sha256((root / name).read_bytes()).hexdigest()
+        splits[split] = [{"file": name, "tokens": int(arr.size), "sha256": digest}]
     manifest = {"format": "harness-token-shards/1",
                 "tokenizer": {"name": "gpt2", "dtype": "uint16", "vocab_size": 50257,
                               "eot": 50256},

@@ -61,13 +61,21 @@ def test_unknown_setting_is_refused_in_one_line(periodic_data: Path, tmp_path: P
     assert err["kind"] == "config"
 
 
-@pytest.mark.parametrize("damage", ["truncate", "missing_manifest", "other_tokenizer"])
+@pytest.mark.parametrize("damage", ["truncate", "corrupt", "missing_manifest", "other_tokenizer"])
 def test_bad_data_stops_training_with_a_reason(damage: str, tmp_path: Path) -> None:
     data = write_shards(tmp_path / "d", np.arange(5000) % 100, np.arange(2000) % 100)
     if damage == "truncate":
         with (data / "train_000000.bin").open("r+b") as f:
             f.truncate(1000)
         expect = "truncated or replaced"
+    elif damage == "corrupt":
+        # Same size, one byte flipped: only the hash can tell.
+        with (data / "val_000000.bin").open("r+b") as f:
+            f.seek(777)
+            byte = f.read(1)
+            f.seek(777)
+            f.write(bytes([byte[0] ^ 0x01]))
+        expect = "sha256 differs from the manifest's"
     elif damage == "missing_manifest":
         (data / "manifest.json").unlink()
         expect = "no manifest.json"

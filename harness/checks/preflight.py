@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import harness
+from harness.paths import sha256_bytes
 from harness.runners.local import scrubbed_env
 from harness.task import TaskSpec
 
@@ -349,8 +350,9 @@ def write_ddp_data(root: Path) -> Path:
     for split, repeats in (("train", 200), ("val", 40)):
         tokens = cycle * repeats
         name = f"{split}_000000.bin"
-        (root / name).write_bytes(b"".join(t.to_bytes(2, "little") for t in tokens))
-        splits[split] = [{"file": name, "tokens": len(tokens)}]
+        raw = b"".join(t.to_bytes(2, "little") for t in tokens)
+        (root / name).write_bytes(raw)
+        splits[split] = [{"file": name, "tokens": len(tokens), "sha256": sha256_bytes(raw)}]
     manifest = {"format": "harness-token-shards/1",
                 "tokenizer": {"name": "gpt2", "dtype": "uint16", "vocab_size": vocab,
                               "eot": vocab - 1},
