@@ -10,7 +10,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from harness.paths import (
     sha256_file,
 )
 from harness.regions import parse_layout, splice, unified_diff
-from harness.runners.base import Outcome, Runner
+from harness.runners.base import Mount, Outcome, Runner, StageSpec
 from harness.stages import lmeval, pretrain
 from harness.submission import Submission, load_submission
 from harness.task import ScaleSpec, TaskSpec
@@ -132,6 +132,23 @@ def _sha(text: str) -> str:
     return sha256_bytes(text.encode("utf-8"))
 
 
+CANCEL_FILE = "cancel_requested"
+
+
+def runtime(spec: StageSpec, paths: AttemptPaths, scale: ScaleSpec, *,
+            reads: tuple[Path, ...], gpus: int | None = None) -> StageSpec:
+    """What every runner needs beyond the command: the stage's output folder as the one
+    writable mount, the attempt and its inputs read-only (same paths inside a container),
+    its GPUs, a job name carrying the attempt id, and the cancel marker."""
+    mounts = (Mount(spec.log_dir, str(spec.log_dir), writable=True),
+              Mount(paths.root, str(paths.root)),
+              *(Mount(p, str(p)) for p in reads))
+    if gpus is None:
+        gpus = scale.nproc_per_node if scale.device == "cuda" else 0
+    return replace(spec, mounts=mounts, gpus=gpus, cancel_file=paths.root / CANCEL_FILE,
+                   job_name=f"harness-{paths.root.name}-{spec.name}")
+
+
 def run_attempt(prepared: Prepared, task: TaskSpec, scale: ScaleSpec, *, runs_dir: Path,
                 data: Path, runner: Runner,
                 on_event: Callable[[str, dict[str, Any]], None] | None = None,
@@ -173,8 +190,9 @@ def run_attempt(prepared: Prepared, task: TaskSpec, scale: ScaleSpec, *, runs_di
     out_dir = paths.stage_dir(pretrain.STAGE)
     result.dataset = {"name": scale.dataset, "dir": str(data_dir),
                       "manifest_sha256": sha256_file(data_dir / "manifest.json")}
-    spec = pretrain.build(scale, attempt_dir=paths.root, script=paths.spliced,
-                          data_dir=data_dir, out_dir=out_dir)
+    spec = runtime(pretrain.build(scale, attempt_dir=paths.root, script=paths.spliced,
+                                  data_dir=data_dir, out_dir=out_dir),
+                   paths, scale, reads=(data_dir,))
     event: dict[str, Any] = {"stage": pretrain.STAGE, "attempt_id": paths.root.name,
                              "attempt_dir": str(paths.root), "log_dir": str(out_dir)}
     if on_event:
@@ -188,6 +206,7 @@ def run_attempt(prepared: Prepared, task: TaskSpec, scale: ScaleSpec, *, runs_di
     result.metrics = got.metrics
     result.stages[pretrain.STAGE] = {
         "returncode": run.returncode, "wall_s": round(run.wall_s, 3), "timed_out": run.timed_out,
+        "runner": run.info, "infra": run.infra, "cancelled": run.cancelled,
         "final": got.final, "curve": got.curve, "argv": list(spec.argv),
         "stderr_tail": run.stderr_tail() if got.outcome is not Outcome.SUCCEEDED else "",
         "traceback": got.traceback,
@@ -209,10 +228,11 @@ def run_lm_eval(task: TaskSpec, scale: ScaleSpec, paths: AttemptPaths, evals: Pa
     if not script.exists():  # copied with the frozen files once task.toml lists it
         shutil.copyfile(task.root / lmeval.SCRIPT, script)
     out_dir = paths.stage_dir(lmeval.STAGE)
-    spec = lmeval.build(script=script, attempt_dir=paths.root,
-                        checkpoint=paths.root / pretrain.STAGE / "ckpt.pt", evals=evals,
-                        out_dir=out_dir, settings=lmeval.settings_for(scale),
-                        timeout_s=float(scale.timeout_s))
+    spec = runtime(lmeval.build(script=script, attempt_dir=paths.root,
+                                checkpoint=paths.root / pretrain.STAGE / "ckpt.pt", evals=evals,
+                                out_dir=out_dir, settings=lmeval.settings_for(scale),
+                                timeout_s=float(scale.timeout_s)),
+                   paths, scale, reads=(evals,), gpus=1 if scale.device == "cuda" else 0)
     event: dict[str, Any] = {"stage": lmeval.STAGE, "attempt_id": paths.root.name,
                              "attempt_dir": str(paths.root), "log_dir": str(out_dir)}
     if on_event:
@@ -225,6 +245,7 @@ def run_lm_eval(task: TaskSpec, scale: ScaleSpec, paths: AttemptPaths, evals: Pa
             "evals", "samples_sha256", "error")
     result.stages[lmeval.STAGE] = {
         "returncode": run.returncode, "wall_s": round(run.wall_s, 3), "timed_out": run.timed_out,
+        "runner": run.info, "infra": run.infra, "cancelled": run.cancelled,
         "argv": list(spec.argv), "outcome": got.outcome.value, "reason": got.reason,
         "stderr_tail": run.stderr_tail() if got.outcome is not Outcome.SUCCEEDED else "",
         **{k: got.report[k] for k in keep if k in got.report},

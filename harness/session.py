@@ -234,7 +234,7 @@ class Session:
             state.preflight = self._preflight(prepared)
         except UserError as e:
             return self._refused_by_checks(attempt, e)
-        runner = self.runner or _local_runner()
+        runner = self.runner or configured_runner()
         self.ledger.set_status(
             attempt.id, "running", started_at=now_iso(), runner=runner.name,
             spliced_sha256=sha256_bytes(prepared.spliced.encode()), region_diff=prepared.diff,
@@ -459,10 +459,12 @@ def _load_session_task(row: SessionRow) -> TaskSpec:
     return task
 
 
-def _local_runner() -> Runner:
-    from harness.runners.local import LocalRunner
+def configured_runner() -> Runner:
+    """harness.toml's runner ($HARNESS_CONFIG or ./harness.toml), else the local one."""
+    from harness.runners import make_runner
+    from harness.runners.config import load_config
 
-    return LocalRunner()
+    return make_runner(load_config())
 
 
 def _gpu_seconds(result: Result, device: str, nproc: int) -> float:

@@ -1,17 +1,45 @@
-"""The runner contract: a stage command in, an outcome with a classified failure out."""
+"""The runner contract: a stage command in, a finished run with a classified failure out.
+
+Every runner goes through the same five steps, driven by `StagedRunner.run`:
+
+    prepare(spec)  -> checks the runner can run it at all (image present, sbatch found...)
+    launch(spec)   -> a Job (a process, a container, a Slurm job)
+    poll(job)      -> None while it runs, else how it ended (Exit)
+    collect(job, exit) -> the StageRun the stages read
+    cleanup(job)   -> removes what launch made (containers, scripts); always runs
+
+`run` owns the rules all runners share: the stage's time limit (our watchdog: the
+submission's fault, `timed_out`), cancellation through a marker file (`cancelled`, never
+charged), and classification of failures that are ours (`infra`: the image is missing, the
+container or job could not start, the node failed, the job was preempted, the OOM killer or
+someone outside the harness killed it). The stages decide the outcome from those fields and
+the files the frozen code wrote; nothing is read from stdout.
+"""
 
 from __future__ import annotations
 
+import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class Outcome(str, Enum):
     SUCCEEDED = "succeeded"
     FAILED_SUBMISSION = "failed_submission"  # the submission's fault: charged
     FAILED_INFRA = "failed_infra"  # ours: never charged
+    CANCELLED = "cancelled"  # stopped through the harness: never charged
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A host path visible inside a container at `target`; read-only unless `writable`."""
+
+    source: Path
+    target: str
+    writable: bool = False
 
 
 @dataclass(frozen=True)
@@ -22,6 +50,13 @@ class StageSpec:
     log_dir: Path
     timeout_s: float
     env: dict[str, str] = field(default_factory=dict)
+    # Container runners: what the stage may see. The first writable mount is the only place
+    # it may write; everything else is read-only.
+    mounts: tuple[Mount, ...] = ()
+    gpus: int = 0
+    # Touching this file asks the run to stop: it ends `cancelled` (harness cancel).
+    cancel_file: Path | None = None
+    job_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -33,6 +68,9 @@ class StageRun:
     stdout: Path
     stderr: Path
     error: str | None = None  # why it could not start
+    infra: str | None = None  # a failure of ours the runner saw (OOM-kill, node failure...)
+    cancelled: bool = False
+    info: dict[str, Any] = field(default_factory=dict)  # job id, image digest, node...
 
     def stderr_tail(self, lines: int = 30) -> str:
         try:
@@ -46,3 +84,85 @@ class Runner(Protocol):
     name: str
 
     def run(self, spec: StageSpec) -> StageRun: ...
+
+
+class RunnerError(Exception):
+    """The runner could not prepare or launch the stage: always ours (failed_infra)."""
+
+
+@dataclass
+class Job:
+    spec: StageSpec
+    handle: str  # pid, container id or Slurm job id
+    started: float  # time.monotonic() at launch
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Exit:
+    """How a job ended, as its runner saw it."""
+
+    returncode: int | None
+    infra: str | None = None  # set when the end was not the stage's doing
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class StagedRunner(ABC):
+    name = "staged"
+    poll_s = 0.2  # first poll interval; grows by backoff up to max_poll_s
+    max_poll_s = 2.0
+    backoff = 1.5
+
+    def prepare(self, spec: StageSpec) -> None:
+        """Raise RunnerError when the stage cannot run here at all."""
+        return None
+
+    @abstractmethod
+    def launch(self, spec: StageSpec) -> Job: ...
+
+    @abstractmethod
+    def poll(self, job: Job) -> Exit | None: ...
+
+    @abstractmethod
+    def kill(self, job: Job) -> Exit:
+        """Stop the job (time limit, cancellation, Ctrl-C) and wait for its end."""
+
+    def cleanup(self, job: Job) -> None:
+        """Remove what launch made; must not raise."""
+        return None
+
+    def logs(self, spec: StageSpec) -> tuple[Path, Path]:
+        spec.log_dir.mkdir(parents=True, exist_ok=True)
+        return spec.log_dir / "stdout.log", spec.log_dir / "stderr.log"
+
+    def run(self, spec: StageSpec) -> StageRun:
+        out, err = self.logs(spec)
+        t0 = time.monotonic()
+        try:
+            self.prepare(spec)
+            job = self.launch(spec)
+        except RunnerError as e:
+            return StageRun(None, False, False, time.monotonic() - t0, out, err, error=str(e))
+        timed_out = cancelled = False
+        try:
+            end, wait = self.poll(job), self.poll_s
+            while end is None:
+                if spec.cancel_file is not None and spec.cancel_file.exists():
+                    cancelled, end = True, self.kill(job)
+                    break
+                if time.monotonic() - job.started > spec.timeout_s:
+                    timed_out, end = True, self.kill(job)
+                    break
+                time.sleep(wait)
+                wait = min(wait * self.backoff, self.max_poll_s)
+                end = self.poll(job)
+        except BaseException:
+            # Interrupted (Ctrl-C, SIGTERM to us) or a bug: never leave the stage running.
+            self.kill(job)
+            self.cleanup(job)
+            raise
+        self.cleanup(job)
+        # Our own kill is not "killed from outside": the watchdog and the cancel decide.
+        infra = None if (timed_out or cancelled) else end.infra
+        return StageRun(end.returncode, True, timed_out, time.monotonic() - t0, out, err,
+                        infra=infra, cancelled=cancelled, info={**job.info, **end.info})

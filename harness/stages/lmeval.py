@@ -181,6 +181,10 @@ def _failure(out_dir: Path, run: StageRun) -> EvalOutcome | None:
     """The outcome of a run that did not finish cleanly; None when it did."""
     if not run.started:
         return EvalOutcome(Outcome.FAILED_INFRA, run.error or "lm-eval stage did not start", {})
+    if run.cancelled:
+        return EvalOutcome(Outcome.CANCELLED, "lm-eval: cancelled through the harness", {})
+    if run.infra:
+        return EvalOutcome(Outcome.FAILED_INFRA, f"lm-eval: {run.infra}", {})
     error = _read_json(out_dir / ERROR_FILE)
     if isinstance(error, dict):
         # eval_lm.py says whose fault it was: the submission's code, or our side.

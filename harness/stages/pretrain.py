@@ -68,6 +68,12 @@ def collect(run: StageRun, out_dir: Path) -> PretrainOutcome:
     if not run.started:
         return PretrainOutcome(Outcome.FAILED_INFRA, run.error or "stage did not start", {},
                                curve, {})
+    if run.cancelled:
+        return PretrainOutcome(Outcome.CANCELLED, "cancelled through the harness", {}, curve, {})
+    if run.infra:
+        # Before the template's own error files: when the OOM killer or a node failure takes
+        # one rank, the others record collective errors that are not the submission's fault.
+        return PretrainOutcome(Outcome.FAILED_INFRA, run.infra, {}, curve, {})
     errors = frozen_errors(out_dir)
     ours = [e for e in errors if e.get("kind") in ("config", "data")]
     if ours:
