@@ -1,0 +1,102 @@
+"""A real attempt at a GPU scale, shortened: the harness's own path, measured (issue 8).
+
+Copies the task to a temporary folder, adds a scale derived from --scale with only the
+iteration count (and evaluation cadence) shortened and the pretrain stage alone, writes
+synthetic token shards (no corpus on the GPU machines), then runs `run_attempt` with the
+local runner — torchrun with the scale's processes, the spliced template, result.json —
+and prints tokens/s from the template's own train_log.jsonl.
+
+    python bench/attempt_gpu.py --scale gpt-345m --iters 40 --submission baselines/binary_sign
+
+Needs as many CUDA GPUs as the scale's nproc_per_node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from pretrain_throughput import synthetic_data  # noqa: E402
+
+from harness.attempt import prepare, run_attempt  # noqa: E402
+from harness.runners.local import LocalRunner  # noqa: E402
+from harness.task import load_task  # noqa: E402
+
+
+def short_scale(task_dir: Path, base: str, iters: int, log_interval: int) -> str:
+    text = (task_dir / "scales" / f"{base}.toml").read_text()
+    import tomllib
+
+    data = tomllib.loads(text)
+    name = f"{base}-short"
+    cfg = dict(data["config"], max_iters=iters, eval_interval=iters, eval_iters=2,
+               log_interval=log_interval, warmup_iters=min(iters, 10))
+    s = data["scale"]
+    lines = ["[scale]", f'name = "{name}"', f'description = "{base}, {iters} iterations"',
+             f'device = "{s["device"]}"', f'nproc_per_node = {s["nproc_per_node"]}',
+             'dataset = "synthetic"', 'stages = ["pretrain"]', "timeout_s = 1800", "", "[config]"]
+    lines += [f"{k} = {json.dumps(v)}" if not isinstance(v, bool) else f"{k} = {str(v).lower()}"
+              for k, v in cfg.items()]
+    (task_dir / "scales" / f"{name}.toml").write_text("\n".join(lines) + "\n")
+    return name
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--scale", default="gpt-345m")
+    p.add_argument("--iters", type=int, default=40)
+    p.add_argument("--log-interval", type=int, default=5)
+    p.add_argument("--submission", type=Path, default=REPO / "baselines" / "binary_sign")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="attempt-gpu-") as tmp:
+        work = Path(tmp)
+        task_dir = work / "task"
+        shutil.copytree(load_task().root, task_dir)
+        scale_name = short_scale(task_dir, args.scale, args.iters, args.log_interval)
+        task = load_task(str(task_dir))
+        scale = task.scale(scale_name)
+        data = work / "data"
+        (data / "synthetic").mkdir(parents=True)
+        synthetic_data(data / "synthetic", 50_000_000)
+        prepared = prepare(args.submission, task)
+        t0 = time.monotonic()
+        result, paths = run_attempt(prepared, task, scale, runs_dir=work / "runs", data=data,
+                                    runner=LocalRunner())
+        wall = time.monotonic() - t0
+        log = [json.loads(line) for line in
+               (paths.stage_dir("pretrain") / "train_log.jsonl").read_text().splitlines()]
+        record = json.loads(paths.result.read_text())
+    tokens_per_iter = (scale.config["batch_size"] * scale.config["block_size"]
+                       * scale.config["gradient_accumulation_steps"])
+    # Seconds per iteration between log lines; the first two intervals hold compilation.
+    per_iter = [(b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"])
+                for a, b in itertools.pairwise(log)][2:]
+    dt = statistics.median(per_iter) if per_iter else float("nan")
+    summary = {
+        "status": result.status, "reason": result.reason, "scale": args.scale,
+        "iters": args.iters, "nproc_per_node": scale.nproc_per_node,
+        "tokens_per_iter": tokens_per_iter, "median_s_per_iter": round(dt, 4),
+        "tokens_per_s": round(tokens_per_iter / dt, 1), "attempt_wall_s": round(wall, 1),
+        "pretrain_wall_s": record["stages"]["pretrain"]["wall_s"],
+        "val_loss": result.metrics.get("val_loss"), "final": record["stages"]["pretrain"]["final"],
+    }
+    print(json.dumps(summary, indent=2, default=str))
+    if args.out:
+        args.out.write_text(json.dumps({**summary, "train_log": log}, indent=2, default=str))
+    return 0 if result.status == "succeeded" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
