@@ -20,6 +20,7 @@ from harness.errors import HarnessError
 
 if TYPE_CHECKING:
     from harness.checks.preflight import PreflightReport
+    from harness.runners.base import Runner
     from harness.task import TaskSpec
 
 EXIT_SUBMISSION_FAILED = 4
@@ -40,6 +41,27 @@ def _run_args(p: argparse.ArgumentParser) -> None:
                    help="where attempts are written (default: $HARNESS_RUNS or ./runs)")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="root of prepared datasets (default: $HARNESS_DATA or ./data)")
+    _runner_args(p)
+
+
+def _runner_args(p: argparse.ArgumentParser) -> None:
+    from harness.runners.config import KINDS
+
+    p.add_argument("--runner", choices=KINDS, default=None,
+                   help="where stages run (default: [runner] kind of harness.toml, else local)")
+    p.add_argument("--image", default=None,
+                   help="the docker image or apptainer .sif (overrides harness.toml)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="runner settings (default: $HARNESS_CONFIG or ./harness.toml)")
+
+
+def _runner_from(args: argparse.Namespace) -> Runner:
+    from harness.runners import make_runner
+    from harness.runners.config import load_config, with_overrides
+
+    config = with_overrides(load_config(getattr(args, "config", None)),
+                            kind=getattr(args, "runner", None), image=getattr(args, "image", None))
+    return make_runner(config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(p)
     p.add_argument("--baselines-dir", type=Path, default=None,
                    help="folder of baseline submissions (default: the repo's baselines/)")
+    p.add_argument("--leaderboard-dir", type=Path, default=None,
+                   help="where the page of these runs goes (default: <runs-dir>/leaderboard)")
     p.set_defaults(func=cmd_baselines)
 
     p = sub.add_parser("validate-task", help="check a task folder against its template")
@@ -101,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_data_verify)
     _add_eval_command(sub)
     _add_session_commands(sub)
+    _add_leaderboard_commands(sub)
+    _add_image_commands(sub)
     return parser
 
 
@@ -178,14 +204,13 @@ def _run_one(submission: Path, args: argparse.Namespace) -> dict[str, Any]:
     from dataclasses import asdict
 
     from harness.attempt import data_root, prepare, run_attempt
-    from harness.runners.local import LocalRunner
     from harness.task import load_task
 
     task = load_task(args.task)
     scale = task.scale(args.scale)
     prepared = prepare(submission, task)
     result, paths = run_attempt(prepared, task, scale, runs_dir=_runs_dir(args),
-                                data=data_root(args.data_dir), runner=LocalRunner(),
+                                data=data_root(args.data_dir), runner=_runner_from(args),
                                 preflight=True)
     out = asdict(result)
     out["result_path"] = str(paths.result)
@@ -224,6 +249,12 @@ def cmd_baselines(args: argparse.Namespace) -> int:
         print(f"[baselines] {d.name}: running at scale {args.scale} ...", flush=True)
         rows.append(_run_one(d, args))
     print(format_table(rows))
+    # The page of exactly these runs (not of everything in the runs dir), next to them.
+    from harness.leaderboard import baselines_page
+
+    page = baselines_page([Path(r["result_path"]) for r in rows],
+                          args.leaderboard_dir or _runs_dir(args) / "leaderboard")
+    print(f"leaderboard: {_shown(str(page))}")
     return max(_exit_for(r["status"]) for r in rows)
 
 
@@ -476,8 +507,9 @@ def _add_session_commands(sub: Any) -> None:
                       help="read the new lines from a file ('-': stdin)")
     q = _session_parser(ssub, "undo", "revert the last N edits", cmd_session_undo)
     q.add_argument("-n", type=int, default=1)
-    _session_parser(ssub, "test", "check, then train (charged when training starts)",
-                    cmd_session_test, data=True)
+    q = _session_parser(ssub, "test", "check, then train (charged when training starts)",
+                        cmd_session_test, data=True)
+    _runner_args(q)
     q = _session_parser(ssub, "submit", "choose test #N as the final answer", cmd_session_submit)
     q.add_argument("n", type=int, help="the test number")
     q = _session_parser(ssub, "status", "budget, tests and submission", cmd_session_status)
@@ -508,12 +540,18 @@ def _add_session_commands(sub: Any) -> None:
     p = sub.add_parser("recover", help="settle tests whose harness process died")
     _home_arg(p)
     p.set_defaults(func=cmd_recover)
+    p = sub.add_parser("cancel", help="stop a running attempt: it ends cancelled, not charged")
+    p.add_argument("attempt", help="an attempt folder, an attempt id (or prefix), or SESSION:N")
+    _home_arg(p)
+    p.set_defaults(func=cmd_cancel)
 
 
 def _open_session(args: argparse.Namespace) -> Any:
     from harness.session import Session
 
-    return Session.open(args.id, home=args.home, data_dir=getattr(args, "data_dir", None))
+    runner = _runner_from(args) if hasattr(args, "runner") else None
+    return Session.open(args.id, home=args.home, data_dir=getattr(args, "data_dir", None),
+                        runner=runner)
 
 
 def cmd_session_start(args: argparse.Namespace) -> int:
@@ -634,6 +672,29 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """Touch the attempt's cancel marker; the process running it stops the stage (any
+    runner: its poll loop watches the marker) and settles it as cancelled."""
+    from harness.attempt import CANCEL_FILE, load_result
+    from harness.errors import UserError
+    from harness.ledger import Ledger
+
+    folder = Path(args.attempt)
+    if not (folder / "result.json").is_file():
+        with Ledger(args.home, create=False) as ledger:
+            row = ledger.find_attempt(args.attempt)
+        if not row.in_progress or not row.attempt_dir:
+            raise UserError(f"attempt {row.id} is {row.status}: nothing to cancel",
+                            where=args.attempt)
+        folder = Path(row.attempt_dir)
+    status = load_result(folder / "result.json").get("status")
+    if status != "running":
+        raise UserError(f"the attempt is {status}: nothing to cancel", where=str(folder))
+    (folder / CANCEL_FILE).touch()
+    print(f"cancel requested: {folder}")
+    return 0
+
+
 def cmd_recover(args: argparse.Namespace) -> int:
     from harness.audit import recover
     from harness.ledger import Ledger
@@ -647,6 +708,132 @@ def cmd_recover(args: argparse.Namespace) -> int:
     print(f"recover: {settled} attempt(s) settled, {len(found) - settled} left alone; ledger "
           f"{'consistent' if not problems else 'has problems: ' + '; '.join(problems)}")
     return 2 if problems else 0
+
+
+# --- the leaderboard (docs/leaderboard.md) --------------------------------------------------
+
+BOARD_FILE = Path("leaderboard/board.json")
+PAGE_FILE = Path("leaderboard/index.html")
+
+
+def _add_leaderboard_commands(sub: Any) -> None:
+    p = sub.add_parser("leaderboard", help="aggregate final results; render the page; export")
+    lsub = p.add_subparsers(dest="leaderboard_command", required=True, metavar="ACTION")
+    q = lsub.add_parser("build", help="aggregate every final result into a board file (JSON)")
+    q.add_argument("--runs-dir", type=Path, action="append", default=None,
+                   help="a folder of attempts, repeatable (default: $HARNESS_RUNS or ./runs, "
+                        "when it exists)")
+    q.add_argument("--result", type=Path, action="append", default=[],
+                   help="one result.json, repeatable")
+    _home_arg(q)
+    q.add_argument("--no-ledger", action="store_true",
+                   help="leave out the agent sessions' final submissions")
+    q.add_argument("--task", action="append", default=None,
+                   help="only this task, repeatable (default: every task found)")
+    q.add_argument("-o", "--output", type=Path, default=BOARD_FILE,
+                   help="the board file (default: %(default)s)")
+    q.set_defaults(func=cmd_leaderboard_build)
+    q = lsub.add_parser("render", help="the board as a self-contained HTML page")
+    q.add_argument("--board", type=Path, default=BOARD_FILE, help="(default: %(default)s)")
+    q.add_argument("-o", "--output", type=Path, default=PAGE_FILE,
+                   help="(default: %(default)s)")
+    q.set_defaults(func=cmd_leaderboard_render)
+    q = lsub.add_parser("export", help="the board as CSV, Markdown or JSON (MLS-Bench keys)")
+    q.add_argument("--format", required=True, choices=["csv", "md", "json"])
+    q.add_argument("--board", type=Path, default=BOARD_FILE, help="(default: %(default)s)")
+    q.add_argument("-o", "--output", type=Path, default=None, help="(default: stdout)")
+    q.set_defaults(func=cmd_leaderboard_export)
+
+
+def cmd_leaderboard_build(args: argparse.Namespace) -> int:
+    import os
+
+    from harness.leaderboard import build_board, default_home, write_board
+
+    if args.runs_dir is not None:
+        runs = list(args.runs_dir)
+    else:  # the default folder only when it exists: a fresh checkout has none yet
+        default = Path(os.environ.get("HARNESS_RUNS", "runs"))
+        runs = [default] if default.is_dir() else []
+    home = None if args.no_ledger else (args.home or default_home())
+    board = build_board(runs, home=home, files=args.result, tasks=args.task)
+    write_board(board, args.output)
+    rows = sum(len(t.rows) for t in board.tables)
+    print(f"OK: {args.output}: {len(board.tables)} table(s), {rows} row(s) from "
+          f"{board.attempts} final attempt record(s)")
+    for reason, count in board.skipped.items():
+        print(f"  not on the board: {count} {reason}")
+    for problem in board.problems:
+        print(f"  unreadable: {problem.path}: {problem.reason}", file=sys.stderr)
+    return 0
+
+
+def cmd_leaderboard_render(args: argparse.Namespace) -> int:
+    from harness.leaderboard import read_board
+    from harness.leaderboard_page import write_page
+
+    page = write_page(read_board(args.board), args.output)
+    print(f"leaderboard: {_shown(str(page))}")
+    return 0
+
+
+def cmd_leaderboard_export(args: argparse.Namespace) -> int:
+    from harness.leaderboard import export, read_board
+    from harness.paths import atomic_write_text
+
+    text = export(read_board(args.board), args.format)
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        atomic_write_text(args.output, text)
+        print(f"OK: {args.output}")
+    return 0
+
+
+def _add_image_commands(sub: Any) -> None:
+    p = sub.add_parser("image", help="build or check the container image the stages run in")
+    isub = p.add_subparsers(dest="image_command", required=True, metavar="ACTION")
+    q = isub.add_parser("build", help="build the Docker image (containers/Dockerfile) offline")
+    q.add_argument("--base", default=None,
+                   help="base image: a CUDA PyTorch image, or a local one (default: the "
+                        "Dockerfile's CUDA base)")
+    q.add_argument("--tag", default=None, help="the image's tag (default: bitlinear-harness:cpu)")
+    q.add_argument("--python", default="python3", help="the base image's Python interpreter")
+    q.add_argument("--wheelhouse", type=Path, default=None,
+                   help="use these wheels (with their requirements.txt) instead of making them")
+    q.set_defaults(func=cmd_image_build)
+    q = isub.add_parser("check", help="does an image have what the task needs? (exit 2: no)")
+    q.add_argument("image", nargs="?", default=None,
+                   help="image tag (default: [runner.docker] image of harness.toml)")
+    q.add_argument("--gpu", action="store_true", help="also require CUDA devices and NCCL")
+    q.add_argument("--json", action="store_true", help="print the report as JSON")
+    q.add_argument("--config", type=Path, default=None,
+                   help="runner settings (default: $HARNESS_CONFIG or ./harness.toml)")
+    q.set_defaults(func=cmd_image_check)
+
+
+def cmd_image_build(args: argparse.Namespace) -> int:
+    from harness.image import DEFAULT_BASE, build_image
+    from harness.runners.config import DockerSettings
+
+    built = build_image(base=args.base or DEFAULT_BASE, tag=args.tag or DockerSettings.image,
+                        python=args.python, wheelhouse=args.wheelhouse)
+    print(f"built {built.tag} {built.image_id} from {built.base} in {built.seconds:.0f}s "
+          f"({built.wheels} wheels; torch from {built.torch})")
+    print(f"next: harness image check {built.tag}")
+    return 0
+
+
+def cmd_image_check(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from harness.image import check_image
+    from harness.runners.config import load_config
+
+    settings = load_config(args.config).docker
+    report = check_image(args.image or settings.image, gpu=args.gpu, settings=settings)
+    print(json.dumps(asdict(report), indent=1) if args.json else report.render())
+    return 0 if report.ok else 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -658,6 +658,32 @@ class Ledger:
                       "VALUES (?, ?, ?)", (session_id, a.id, now_iso()))
         return a
 
+    def final_submissions(self) -> list[tuple[SessionRow, AttemptRow, dict[str, float]]]:
+        """Every session's submitted attempt with its metrics, in three queries: what the
+        leaderboard reads (call it inside snapshot() for one consistent view)."""
+        cols = ", ".join([*(f"s.{f.name} AS s_{f.name}" for f in fields(SessionRow)),
+                          *(f"a.{f.name} AS a_{f.name}" for f in fields(AttemptRow))])
+        rows = self.conn.execute(f"SELECT {cols} FROM submissions sub JOIN sessions s ON "
+                                 "s.id = sub.session_id JOIN attempts a ON a.id = "
+                                 "sub.attempt_id ORDER BY s.created_at, s.id").fetchall()
+        metrics: dict[str, dict[str, float]] = {}
+        for r in self.conn.execute("SELECT r.attempt_id, r.metric, r.value FROM results r JOIN "
+                                   "submissions sub ON sub.attempt_id = r.attempt_id"):
+            metrics.setdefault(r[0], {})[r[1]] = r[2]
+        out = []
+        for r in rows:
+            data = _as_dict(r)
+            s = {k[2:]: v for k, v in data.items() if k.startswith("s_")}
+            a = {k[2:]: v for k, v in data.items() if k.startswith("a_")}
+            s["preflight"] = bool(s["preflight"])
+            a["charged"], a["refunded"] = bool(a["charged"]), bool(a["refunded"])
+            out.append((SessionRow(**s), AttemptRow(**a), metrics.get(a["id"], {})))
+        return out
+
+    def attempt_ids(self) -> set[str]:
+        """The id of every attempt of every session."""
+        return {r[0] for r in self.conn.execute("SELECT id FROM attempts")}
+
     # -- integrity --
 
     def integrity_check(self) -> list[str]:

@@ -64,7 +64,12 @@ def test_baselines_command_records_success_and_submission_failure(tmp_path: Path
     proc = run_cli("baselines", "--scale", "smoke", "--baselines-dir", str(subs),
                    "--runs-dir", "runs", "--data-dir", "data", cwd=tmp_path)
     assert proc.returncode == 4, proc.stderr[-2000:]  # worst of the rows: a submission failure
-    table = proc.stdout.splitlines()
+    lines = proc.stdout.splitlines()
+    # The table, then the leaderboard page of these runs (what `make run` ends with).
+    assert lines[-1].startswith("leaderboard: ")
+    page = tmp_path / lines[-1].removeprefix("leaderboard: ")
+    assert page.is_file() and "int2_uniform" in page.read_text()
+    table = lines[:-1]
     assert table[-4].split()[:3] == ["baseline", "status", "val_loss"]
     by_name = {line.split()[0]: line.split() for line in table[-2:]}
     assert by_name["crashes"][1] == "failed_submission"
