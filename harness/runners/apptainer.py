@@ -19,7 +19,7 @@ from pathlib import Path
 
 from harness.runners.base import Exit, Job, RunnerError, StagedRunner, StageSpec
 from harness.runners.config import ApptainerSettings
-from harness.runners.local import LocalRunner, scrubbed_env
+from harness.runners.local import LocalRunner, container_env
 
 # Host-specific variables that must not leak into the image's own environment.
 HOST_ONLY = ("PATH", "HOME", "LD_LIBRARY_PATH", "TMPDIR")
@@ -35,9 +35,7 @@ def _bind(source: Path, target: str, writable: bool) -> str:
 
 
 def stage_env(spec: StageSpec) -> dict[str, str]:
-    env = {k: v for k, v in scrubbed_env(spec.env).items() if k not in HOST_ONLY}
-    env.update(HOME="/tmp", TMPDIR="/tmp")
-    return env
+    return container_env(spec.env, drop=HOST_ONLY, inside={"HOME": "/tmp", "TMPDIR": "/tmp"})
 
 
 def command(spec: StageSpec, settings: ApptainerSettings) -> list[str]:

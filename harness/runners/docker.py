@@ -30,7 +30,7 @@ from typing import Any
 
 from harness.runners.base import Exit, Job, RunnerError, StagedRunner, StageSpec
 from harness.runners.config import DockerSettings
-from harness.runners.local import scrubbed_env
+from harness.runners.local import container_env, scrubbed_env
 
 NOBODY = "65534:65534"
 TMPFS = "rw,exec,nosuid,nodev,size=4g,mode=1777"  # exec: torch.compile loads .so from /tmp
@@ -57,11 +57,8 @@ VERIFIED: set[tuple[str, bool]] = set()
 def _env(spec: StageSpec) -> tuple[dict[str, str], list[str]]:
     """The container's environment (scrubbed host values less DROP_ENV, the stage's own, then
     ours) and the host's visible GPU ids, if it names any."""
-    host = scrubbed_env({})
-    visible = host.get("CUDA_VISIBLE_DEVICES", "").strip()
-    env = {k: v for k, v in host.items() if k not in DROP_ENV}
-    env.update(spec.env)
-    env.update(CONTAINER_ENV)
+    visible = scrubbed_env({}).get("CUDA_VISIBLE_DEVICES", "").strip()
+    env = container_env(spec.env, drop=DROP_ENV, inside=CONTAINER_ENV)
     return env, [d.strip() for d in visible.split(",") if d.strip()]
 
 

@@ -36,6 +36,16 @@ def scrubbed_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def container_env(extra: dict[str, str], *, drop: tuple[str, ...],
+                  inside: dict[str, str]) -> dict[str, str]:
+    """A stage's environment inside an image: the scrubbed host variables less `drop` (host
+    values that mean nothing there), the stage's own, then the container's `inside` values."""
+    env = {k: v for k, v in scrubbed_env({}).items() if k not in drop}
+    env.update(extra)
+    env.update(inside)
+    return env
+
+
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
