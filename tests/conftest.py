@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -45,3 +48,14 @@ def periodic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cycle = np.arange(1000, 1050)
     return write_shards(tmp_path_factory.mktemp("periodic"), np.tile(cycle, 2000),
                         np.tile(cycle, 200))
+
+
+def wait_for(what: Callable[[], Any], timeout: float, step: float = 0.1) -> Any:
+    """Poll `what` until it returns something truthy; that value, or AssertionError."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = what()
+        if got:
+            return got
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout}s")

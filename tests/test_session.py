@@ -12,7 +12,6 @@ import re
 import signal
 import sqlite3
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from harness.regions import EditSession
 from harness.runners.base import StageRun, StageSpec
 from harness.session import LAST_TEST_NOTE, Session
 from harness.tools import TOOLS, Server, tool_schemas
-from tests.conftest import PYTHON, REPO, TEMPLATE
+from tests.conftest import PYTHON, REPO, TEMPLATE, wait_for
 from tests.session_fakes import STDOUT_DECOY, FakeRunner
 
 DATA = Path(__file__).parent / "data"
@@ -101,16 +100,6 @@ def cli(*args: str, home: Path, data: Path | None = None, stdin: str | None = No
     extra = ["--home", str(home)] + (["--data-dir", str(data)] if data else [])
     return subprocess.run([PYTHON, "-m", "harness", *args, *extra], capture_output=True,
                           text=True, cwd=REPO, input=stdin, timeout=timeout)
-
-
-def wait_for(what: Callable[[], Any], timeout: float, step: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = what()
-        if got:
-            return got
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout}s")
 
 
 # --- the Python API with a fake runner ------------------------------------------------------

@@ -16,9 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -26,7 +24,7 @@ from harness.ledger import AttemptRow, Ledger
 from harness.runners.base import StageSpec
 from harness.runners.config import SlurmSettings
 from harness.runners.slurm import SlurmPoller, SlurmRunner
-from tests.conftest import PYTHON, REPO
+from tests.conftest import PYTHON, REPO, wait_for
 
 pytestmark = pytest.mark.slurm
 
@@ -37,16 +35,6 @@ HOST = socket.gethostname().split(".")[0]
 
 def _sh(*argv: str) -> str:
     return subprocess.run(argv, capture_output=True, text=True, check=False).stdout
-
-
-def wait_for(what: Callable[[], Any], timeout: float, step: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = what()
-        if got:
-            return got
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout}s")
 
 
 @pytest.fixture(scope="module", autouse=True)
