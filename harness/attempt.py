@@ -6,6 +6,7 @@ Scores travel only in files the frozen template writes; nothing is read from std
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -33,6 +34,10 @@ from harness.submission import Submission, load_submission
 from harness.task import ScaleSpec, TaskSpec
 
 SCHEMA_VERSION = 1
+# How far training's val_loss may lie from the eval stage's recomputation: bf16 autocast,
+# a compiled model against an eager one and other batch sizes move it by ~1e-3.
+CROSS_CHECK_ATOL = 0.01
+CROSS_CHECK_RTOL = 0.005
 
 
 @dataclass(frozen=True)
@@ -212,18 +217,37 @@ def run_attempt(prepared: Prepared, task: TaskSpec, scale: ScaleSpec, *, runs_di
         "traceback": got.traceback,
     }
     if eval_sets is not None and got.outcome is Outcome.SUCCEEDED:
-        run_lm_eval(task, scale, paths, eval_sets, runner, result, on_event)
+        run_lm_eval(task, scale, paths, eval_sets, runner, result, on_event, data_dir=data_dir)
     result.finished_at = _now()
     result.artifacts = paths.manifest()
     atomic_write_json(paths.result, asdict(result))
     return result, paths
 
 
+def cross_check(task: TaskSpec, trained: dict[str, float], official: dict[str, float]
+                ) -> str | None:
+    """Why training's own numbers disagree with the official ones recomputed by another
+    stage's frozen code from the checkpoint, or None. Beyond the tolerance (bf16, compiled
+    against eager, other batching) the record cannot be trusted."""
+    for m in task.metrics:
+        if m.scorer == m.stage or m.name not in official:
+            continue
+        got, ref = trained.get(m.name), official[m.name]
+        if got is None or not math.isclose(got, ref, rel_tol=CROSS_CHECK_RTOL,
+                                           abs_tol=CROSS_CHECK_ATOL):
+            return (f"{m.name} from {m.stage} ({got}) disagrees with {m.scorer}'s recomputation "
+                    f"from the checkpoint ({ref:.6g}); tolerance {CROSS_CHECK_ATOL} + "
+                    f"{CROSS_CHECK_RTOL:.1%}")
+    return None
+
+
 def run_lm_eval(task: TaskSpec, scale: ScaleSpec, paths: AttemptPaths, evals: Path,
                 runner: Runner, result: Result,
-                on_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
-    """The lm-eval stage on pretrain's checkpoint: its metrics join val_loss in result.metrics;
-    a failure of it decides the attempt's status (val_loss stays recorded)."""
+                on_event: Callable[[str, dict[str, Any]], None] | None = None, *,
+                data_dir: Path | None = None) -> None:
+    """The lm-eval stage on pretrain's checkpoint. It scores the lm-eval tasks and, with
+    data_dir, recomputes val_loss, which must agree with training's; its metrics become the
+    attempt's. A failure or a disagreement decides the attempt's status."""
     script = paths.root / lmeval.SCRIPT
     if not script.exists():  # copied with the frozen files once task.toml lists it
         shutil.copyfile(task.root / lmeval.SCRIPT, script)
@@ -231,18 +255,21 @@ def run_lm_eval(task: TaskSpec, scale: ScaleSpec, paths: AttemptPaths, evals: Pa
     spec = runtime(lmeval.build(script=script, attempt_dir=paths.root,
                                 checkpoint=paths.root / pretrain.STAGE / "ckpt.pt", evals=evals,
                                 out_dir=out_dir, settings=lmeval.settings_for(scale),
-                                timeout_s=float(scale.timeout_s)),
-                   paths, scale, reads=(evals,), gpus=1 if scale.device == "cuda" else 0)
+                                timeout_s=float(scale.timeout_s), data_dir=data_dir),
+                   paths, scale, reads=(evals, *((data_dir,) if data_dir else ())),
+                   gpus=1 if scale.device == "cuda" else 0)
     event: dict[str, Any] = {"stage": lmeval.STAGE, "attempt_id": paths.root.name,
                              "attempt_dir": str(paths.root), "log_dir": str(out_dir)}
     if on_event:
         on_event("stage_start", event)
     run = runner.run(spec)
-    got = lmeval.collect(run, out_dir, [m.name for m in task.metrics if m.stage == lmeval.STAGE])
+    expected = [m.name for m in task.metrics if m.scorer == lmeval.STAGE
+                and (data_dir is not None or m.stage == lmeval.STAGE)]
+    got = lmeval.collect(run, out_dir, expected)
     if on_event:
         on_event("stage_end", {**event, "outcome": got.outcome.value, "wall_s": run.wall_s})
     keep = ("lm_eval_version", "convention", "metrics", "secondary", "detail", "settings",
-            "evals", "samples_sha256", "error")
+            "evals", "samples_sha256", "error", "val_loss", "lowbit_audit")
     result.stages[lmeval.STAGE] = {
         "returncode": run.returncode, "wall_s": round(run.wall_s, 3), "timed_out": run.timed_out,
         "runner": run.info, "infra": run.infra, "cancelled": run.cancelled,
@@ -250,10 +277,18 @@ def run_lm_eval(task: TaskSpec, scale: ScaleSpec, paths: AttemptPaths, evals: Pa
         "stderr_tail": run.stderr_tail() if got.outcome is not Outcome.SUCCEEDED else "",
         **{k: got.report[k] for k in keep if k in got.report},
     }
-    if got.outcome is Outcome.SUCCEEDED:
-        result.metrics.update(got.metrics)
-    else:
+    if got.outcome is not Outcome.SUCCEEDED:
         result.status, result.reason = got.outcome.value, got.reason
+        return
+    disagree = cross_check(task, result.metrics, got.metrics)
+    if disagree:
+        result.status = Outcome.RULE_VIOLATION.value
+        result.reason = f"rule violation (cross-check): {disagree}"
+        result.metrics = {}
+        return
+    # The official numbers replace training's; training's stay in its stage record.
+    result.stages[pretrain.STAGE]["trained_metrics"] = dict(result.metrics)
+    result.metrics.update(got.metrics)
 
 
 def load_result(path: Path) -> dict[str, Any]:

@@ -48,6 +48,7 @@ EXPORT_SCHEMA = "harness-leaderboard-export/1"
 # SCHEMA_VERSION moves past them, so a new version is read on purpose, not by luck.
 RESULT_SCHEMAS = (1,)
 INVALID = "invalid"  # our verdict: the record cannot be trusted (tampered, inconsistent, ...)
+RULE_VIOLATION = "rule_violation"
 RANKED = "succeeded"
 NO_LABEL = "-"
 # Ledger first: its copy of a session attempt is the one the budget rules stand behind.
@@ -247,7 +248,7 @@ def parse_result(raw: bytes, path: Path, *, source: str = "runs",
         attempt_id=_require(data, "attempt_id"), source=source,
         task=_require(task, "name"), task_version=_text(task.get("version"), "?"),
         scale=_require(data, "scale"), name=name, agent=_text(meta.get("agent")),
-        mode=_text(meta.get("mode")), model=_text(meta.get("model")), status=status,
+        mode=_text(meta.get("mode")), model=_text(meta.get("model")), status=shown(status),
         reason=_text(data.get("reason"), ""), metrics=finite_metrics(data.get("metrics")),
         finished_at=_text(data.get("finished_at"), ""), result_path=str(path),
         attempt_dir=str(path.parent), audit=str(path), runner=_text(data.get("runner"), ""),
@@ -295,7 +296,7 @@ def _ledger_record(s: SessionRow, a: AttemptRow, metrics: dict[str, float],
     base = AttemptRecord(
         attempt_id=a.id, source="ledger", task=s.task, task_version=s.task_version,
         scale=s.scale, name=s.id, agent=_text(s.agent), mode=_text(s.mode),
-        model=_text(s.model), status=a.status, reason=a.reason or "",
+        model=_text(s.model), status=shown(a.status), reason=a.reason or "",
         metrics=finite_metrics(metrics), finished_at=a.finished_at or "",
         attempt_dir=a.attempt_dir or "", session_id=s.id,
         audit=f"harness audit {a.id} --home {home}", runner=a.runner or "",
@@ -337,6 +338,11 @@ def _ledger_preflight(check_report: str | None) -> dict[str, Any]:
         return {}
     found = report.get("preflight") if isinstance(report, dict) else None
     return found if isinstance(found, dict) else {}
+
+
+def shown(status: str) -> str:
+    """A rule broken at run time is shown as invalid (never ranked); its reason says which."""
+    return INVALID if status == RULE_VIOLATION else status
 
 
 def _invalid(record: AttemptRecord, reason: str) -> AttemptRecord:

@@ -33,10 +33,15 @@ BUSY_TIMEOUT_S = 60.0
 
 MODES = ("vanilla", "agent", "baseline")
 IN_PROGRESS = ("pending", "checking", "running")
-FINISHED = ("succeeded", "failed_submission", "failed_infra", "cancelled")
+FINISHED = ("succeeded", "failed_submission", "failed_infra", "cancelled", "rule_violation")
 STATUSES = IN_PROGRESS + FINISHED
 # A charge is returned only when the failure was not the submission's doing.
 REFUNDABLE = ("failed_infra", "cancelled")
+
+
+# The statuses as migration 1 wrote them: a migration's text never changes once shipped.
+_V1_STATUSES = ("pending", "checking", "running", "succeeded", "failed_submission",
+                "failed_infra", "cancelled")
 
 
 def _sql_list(values: tuple[str, ...]) -> str:
@@ -48,6 +53,31 @@ class Migration:
     version: int
     summary: str
     statements: tuple[str, ...]
+    # Run after the statements, inside the same transaction, for steps SQL alone cannot say.
+    apply: Callable[[sqlite3.Connection], None] | None = None
+
+
+def _widen_status_check(conn: sqlite3.Connection) -> None:
+    """Add 'rule_violation' to the attempts table's CHECK on status, in place.
+
+    SQLite cannot ALTER a CHECK constraint. Widening one is the case its documentation allows
+    by rewriting the stored CREATE statement (every existing row still satisfies the new
+    check), with the schema version bumped so other connections reload it."""
+    old = "'failed_infra', 'cancelled'))"
+    row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND "
+                       "name = 'attempts'").fetchone()
+    if row is None or old not in row[0]:
+        raise UserError("the ledger's attempts table is not the one this migration expects",
+                        fix="restore the ledger from its backup or use another --home")
+    version = conn.execute("PRAGMA schema_version").fetchone()[0]
+    conn.execute("PRAGMA writable_schema = ON")
+    try:
+        conn.execute("UPDATE sqlite_master SET sql = replace(sql, ?, ?) WHERE type = 'table' "
+                     "AND name = 'attempts'", (old, "'failed_infra', 'cancelled', "
+                                                    "'rule_violation'))"))
+        conn.execute(f"PRAGMA schema_version = {int(version) + 1}")
+    finally:
+        conn.execute("PRAGMA writable_schema = OFF")
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -68,7 +98,7 @@ MIGRATIONS: tuple[Migration, ...] = (
             id TEXT PRIMARY KEY,
             session_id TEXT NOT NULL REFERENCES sessions(id),
             number INTEGER NOT NULL CHECK (number >= 1),
-            status TEXT NOT NULL CHECK (status IN ({_sql_list(STATUSES)})),
+            status TEXT NOT NULL CHECK (status IN ({_sql_list(_V1_STATUSES)})),
             charged INTEGER NOT NULL DEFAULT 0 CHECK (charged IN (0, 1)),
             refunded INTEGER NOT NULL DEFAULT 0 CHECK (refunded IN (0, 1)),
             refund_reason TEXT,
@@ -117,6 +147,8 @@ MIGRATIONS: tuple[Migration, ...] = (
         "ALTER TABLE sessions ADD COLUMN preflight INTEGER NOT NULL DEFAULT 1 "
         "CHECK (preflight IN (0, 1))",
     )),
+    Migration(4, "status rule_violation: a rule broken at run time, charged, never ranked",
+              (), apply=_widen_status_check),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -345,6 +377,8 @@ def migrate(conn: sqlite3.Connection, *, where: str = "ledger",
                 step = MIGRATIONS[version]
                 for statement in step.statements:
                     conn.execute(statement)
+                if step.apply is not None:
+                    step.apply(conn)
                 conn.execute(f"PRAGMA user_version = {step.version}")
 
 

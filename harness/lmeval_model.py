@@ -16,9 +16,6 @@ tokenizer does under lm-eval.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -31,6 +28,7 @@ import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM  # type: ignore[import-untyped,unused-ignore]
 
 from harness.data.tokenizer import EOT, VOCAB_SIZE, gpt2_encoding
+from harness.spliced import load_spliced as load_spliced  # where eval code has always found it
 
 Tokens = list[int]
 # lm-eval's request after tokenization: ((context, continuation) strings, tokens, tokens).
@@ -256,24 +254,6 @@ class GPTLM(TemplateLM):  # type: ignore[misc]
 
 
 # --- the spliced template and its checkpoint ----------------------------------------------------
-
-def load_spliced(script: Path) -> ModuleType:
-    """Import an attempt's spliced custom_pretrain.py as a module (nothing runs: no __main__)."""
-    script = Path(script).resolve()
-    name = "harness_spliced_" + hashlib.sha256(str(script).encode()).hexdigest()[:12]
-    spec = importlib.util.spec_from_file_location(name, script)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {script}")
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses look their class's module up in sys.modules while decorating GPTConfig.
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(name, None)
-        raise
-    return module
-
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """The template's checkpoint: {"model": state_dict, "model_args": {...}, ...}."""

@@ -28,6 +28,11 @@ class SubmissionFailure(Exception):
     """The submission's code failed while the model was built or run."""
 
 
+class RuleViolation(Exception):
+    """Frozen or torch code was changed, or the checkpoint's model computes with
+    full-precision weights: the attempt gets no score."""
+
+
 @contextlib.contextmanager
 def submission_code(what: str) -> Iterator[None]:
     """Exceptions inside are the submission's: re-raised as SubmissionFailure."""
@@ -48,6 +53,9 @@ class EvalRequest:
     device: str = "auto"
     dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, float32 on CPU
     batch_tokens: int = 0  # 0: chosen from the device's memory
+    # The attempt's token shards: val_loss is recomputed from their validation split. None
+    # (`harness eval` on a bare checkpoint): no val_loss.
+    data_dir: Path | None = None
 
 
 def _jsonable(value: Any) -> Any:
@@ -94,34 +102,92 @@ def _autocast_dtype(dtype: str, device_type: str) -> Any:
     return None if chosen is None else getattr(torch, chosen)
 
 
-def make_lm(request: EvalRequest) -> tuple[Any, dict[str, Any]]:
-    """The adapter over the spliced template's GPT with the checkpoint's weights."""
-    from harness.lmeval_model import (
-        GPTLM,
-        build_model,
-        default_batch_tokens,
-        load_checkpoint,
-        load_spliced,
-        pick_device,
-    )
+@dataclass
+class Loaded:
+    """The spliced template's module and its GPT with the checkpoint's weights, on the device."""
+
+    module: Any
+    model: Any
+    ckpt: dict[str, Any]
+    device: Any
+    autocast: Any  # a torch dtype, or None for float32
+
+
+def load(request: EvalRequest) -> Loaded:
+    from harness.lmeval_model import build_model, load_checkpoint, load_spliced, pick_device
 
     ckpt = load_checkpoint(request.checkpoint)
-    args = ckpt["model_args"]
     device = pick_device(request.device)
     with submission_code("building the model from the spliced template"):
-        model = build_model(load_spliced(request.script), ckpt)
-    autocast = _autocast_dtype(request.dtype, device.type)
-    budget = request.batch_tokens or default_batch_tokens(
-        device, int(args["vocab_size"]), int(args["n_embd"]), int(args["n_layer"]))
+        module = load_spliced(request.script)
+        model = build_model(module, ckpt)
     with submission_code("moving the model to the device"):
         model = model.to(device)
-    lm = GPTLM(model, max_length=int(args["block_size"]), device=device,
-               autocast_dtype=autocast, batch_tokens=budget)
-    info = {"model_args": args, "device": str(device), "autocast": str(autocast),
-            "batch_tokens": lm.batch_tokens, "iter_num": ckpt.get("iter_num"),
-            "checkpoint_val_loss": ckpt.get("val_loss"),
-            "num_params": sum(p.numel() for p in model.parameters())}
+    return Loaded(module, model, ckpt, device, _autocast_dtype(request.dtype, device.type))
+
+
+def make_lm(request: EvalRequest, loaded: Loaded | None = None) -> tuple[Any, dict[str, Any]]:
+    """The adapter over the spliced template's GPT with the checkpoint's weights."""
+    from harness.lmeval_model import GPTLM, default_batch_tokens
+
+    loaded = loaded or load(request)
+    args = loaded.ckpt["model_args"]
+    budget = request.batch_tokens or default_batch_tokens(
+        loaded.device, int(args["vocab_size"]), int(args["n_embd"]), int(args["n_layer"]))
+    lm = GPTLM(loaded.model, max_length=int(args["block_size"]), device=loaded.device,
+               autocast_dtype=loaded.autocast, batch_tokens=budget)
+    info = {"model_args": args, "device": str(loaded.device), "autocast": str(loaded.autocast),
+            "batch_tokens": lm.batch_tokens, "iter_num": loaded.ckpt.get("iter_num"),
+            "checkpoint_val_loss": loaded.ckpt.get("val_loss"),
+            "num_params": sum(p.numel() for p in loaded.model.parameters())}
     return lm, info
+
+
+def _autocast(loaded: Loaded) -> Any:
+    import torch
+
+    if loaded.autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=loaded.device.type, dtype=loaded.autocast)
+
+
+def audit_checkpoint(loaded: Loaded) -> dict[str, Any]:
+    """The low-bit audit on the model rebuilt from the final checkpoint; RuleViolation when a
+    matmul sees a full-precision weight."""
+    import torch
+
+    from harness.lowbit_audit import audit
+
+    block = int(loaded.ckpt["model_args"]["block_size"])
+    vocab = min(int(loaded.ckpt["model_args"]["vocab_size"]), 50257)
+    # Any tokens reach every matmul; a fixed ramp keeps the audit independent of the data.
+    idx = (torch.arange(block + 1, device=loaded.device) * 7919 % vocab).unsqueeze(0)
+    with submission_code("running the low-bit audit's forward pass"):
+        record = audit(loaded.model, loaded.module.BitLinear, idx[:, :-1], idx[:, 1:],
+                       where="final checkpoint", autocast=_autocast(loaded))
+    if record.problems:
+        raise RuleViolation(f"low-bit audit at the final checkpoint: {record.problems[0]}")
+    return record.as_dict()
+
+
+def score_val_loss(loaded: Loaded, data_dir: Path) -> dict[str, Any]:
+    """val_loss of the checkpoint on the same fixed validation windows as training, computed by
+    the template's own frozen load_split, val_windows and evaluate, in this process."""
+    module, ckpt = loaded.module, loaded.ckpt
+    config = ckpt.get("config") or {}
+    world = int(ckpt.get("world_size", 1))
+    # The template's evaluation reads its globals; set them as training had them.
+    for key in ("batch_size", "block_size", "eval_iters"):
+        setattr(module, key, int(config[key]))
+    shards = module.load_split(str(data_dir), "val", int(ckpt["model_args"]["vocab_size"]))
+    windows = module.val_windows(shards, module.eval_iters * module.batch_size * world)
+    t0 = time.monotonic()
+    with submission_code("computing val_loss on the checkpoint"):
+        value = float(module.evaluate(loaded.model, shards, windows, str(loaded.device),
+                                      _autocast(loaded)))
+    loaded.model.eval()  # evaluate() leaves the model in train()
+    return {"value": value, "windows": len(windows), "tokens": len(windows) * module.block_size,
+            "seconds": round(time.monotonic() - t0, 3)}
 
 
 def run_tasks(lm: Any, yaml_dir: Path, *, limit: int | None,
@@ -147,7 +213,11 @@ def run_tasks(lm: Any, yaml_dir: Path, *, limit: int | None,
 
 def evaluate(request: EvalRequest) -> dict[str, Any]:
     """Run everything and write eval.json + samples.jsonl; returns the eval.json record."""
+    from harness.integrity import IntegrityError, TorchTable, source_of, verify
+
     t0 = time.monotonic()
+    # Before the submission's module is imported: what its torch must still be when scoring.
+    table = TorchTable()
     out = Path(request.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     problems = evalsets.verify(request.evals)
@@ -157,19 +227,38 @@ def evaluate(request: EvalRequest) -> dict[str, Any]:
     # Written afresh here: the YAMLs hold this machine's absolute paths.
     yaml_dir = out.parent / evalsets.YAML_DIR
     evalsets.write_task_yamls(request.evals, yaml_dir, manifest)
-    lm, model_info = make_lm(request)
+    loaded = load(request)
+    source = source_of(request.script)
+
+    def check(when: str) -> None:
+        try:
+            verify(loaded.module, source, table, when=when)
+        except IntegrityError as e:
+            raise RuleViolation(str(e)) from e
+
+    check("after importing the submission")
+    audit_record = audit_checkpoint(loaded)
+    check("before scoring val_loss")
+    val = score_val_loss(loaded, request.data_dir) if request.data_dir is not None else None
+    lm, model_info = make_lm(request, loaded)
+    check("before scoring the lm-eval tasks")
     t_eval = time.monotonic()
     results = run_tasks(lm, yaml_dir, limit=request.limit,
                         bootstrap_iters=request.bootstrap_iters)
+    check("after scoring")
     model_info.update(lm.stats, eval_s=round(time.monotonic() - t_eval, 3),
                       **_device_info(lm.device))
     names = {t.harness_task: t.name for t in evalsets.TASKS}
     samples_path = out.parent / stage.SAMPLES_FILE
     n_samples = write_samples(samples_path, results.get("samples", {}), names)
+    summary = stage.summarize(results, {name: ours for ours, name in names.items()})
+    if val is not None:
+        summary["metrics"]["val_loss"] = val["value"]
     report = {
         "format": stage.FORMAT,
         "lm_eval_version": importlib.metadata.version("lm_eval"),
-        **stage.summarize(results, {name: ours for ours, name in names.items()}),
+        **summary,
+        "val_loss": val, "lowbit_audit": audit_record,
         "settings": {"limit": request.limit, "num_fewshot": 0,
                      "bootstrap_iters": request.bootstrap_iters, "dtype": request.dtype},
         "model": model_info,

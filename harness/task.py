@@ -63,8 +63,15 @@ class OverrideBound:
 class MetricSpec:
     name: str
     direction: str  # "min" | "max"
-    stage: str
+    stage: str  # the stage it belongs to: where its curve is and where the report shows it
     label: str
+    # The stage whose frozen code computes the official value; when it differs from `stage`,
+    # `stage`'s own number must agree with it (harness/attempt.py, cross_check).
+    scored_by: str = ""
+
+    @property
+    def scorer(self) -> str:
+        return self.scored_by or self.stage
 
     def better(self, a: float, b: float) -> bool:
         return a < b if self.direction == "min" else a > b
@@ -268,12 +275,13 @@ def load_task(task: str | Path = DEFAULT_TASK) -> TaskSpec:
     metrics = []
     for name, raw in top.get("metrics", dict).items():
         m = _Reader(raw, f"{where} [metrics.{name}]")
-        m.reject_unknown({"direction", "stage", "label"})
+        m.reject_unknown({"direction", "stage", "label", "scored_by"})
         direction = m.get("direction", str)
         if direction not in ("min", "max"):
             raise UserError(f"direction must be 'min' or 'max', not {direction!r}", where=m.where)
         metrics.append(MetricSpec(name=name, direction=direction, stage=m.get("stage", str),
-                                  label=m.get("label", str, name)))
+                                  label=m.get("label", str, name),
+                                  scored_by=m.get("scored_by", str, "")))
 
     return TaskSpec(
         name=t.get("name", str), version=t.get("version", str), title=t.get("title", str, ""),

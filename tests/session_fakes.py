@@ -45,12 +45,16 @@ class FakeRunner:
             (out / "error_rank0.json").write_text(json.dumps(
                 {"kind": "exception", "message": "Traceback ...\nRuntimeError: boom at step 5\n"}))
             return StageRun(1, True, False, 0.01, stdout, stderr)
-        (out / "final.json").write_text(json.dumps({"val_loss": self.val_loss}))
+        (out / "final.json").write_text(json.dumps({"val_loss": self.val_loss,
+                                                    "rank_param_checksums": [7.0, 7.0]}))
         return StageRun(0, True, False, 0.01, stdout, stderr)
 
     def _eval(self, spec: StageSpec, stdout: Path, stderr: Path) -> StageRun:
-        """What eval_lm.py writes: an eval.json with every headline metric."""
+        """What eval_lm.py writes: an eval.json with every headline metric and, when asked
+        to (--data-dir), val_loss recomputed from the checkpoint: here training's own."""
         metrics = {name: 50.0 for name in lmeval.HEADLINE}
+        if any(a.startswith("--data-dir=") for a in spec.argv):
+            metrics["val_loss"] = self.val_loss
         (spec.log_dir / lmeval.EVAL_FILE).write_text(json.dumps(
             {"format": lmeval.FORMAT, "metrics": metrics}))
         stdout.write_text(f"fake stage {spec.name}\n")

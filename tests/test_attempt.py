@@ -7,6 +7,7 @@ import math
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,7 +84,13 @@ def test_baselines_command_records_success_and_submission_failure(tmp_path: Path
     assert good["task"] == {"name": "llm-pretrain-bitlinear", "version": task.version}
     attempt = good_path.parent
     final = json.loads((attempt / "pretrain" / "final.json").read_text())
-    assert good["metrics"]["val_loss"] == final["val_loss"] and math.isfinite(final["val_loss"])
+    # The official val_loss is the eval stage's recomputation from the checkpoint (one
+    # process, float32 on CPU); training's own number agrees to float32 rounding.
+    scored = json.loads((attempt / "lm-eval" / "eval.json").read_text())["val_loss"]
+    assert good["metrics"]["val_loss"] == scored["value"] and math.isfinite(scored["value"])
+    assert good["stages"]["pretrain"]["trained_metrics"]["val_loss"] == final["val_loss"]
+    assert abs(scored["value"] - final["val_loss"]) < 1e-5
+    assert scored["windows"] == 4 * 4 * 2  # eval_iters x batch_size x world of the smoke scale
     assert final["world_size"] == 2
     assert good["submission"]["sha256"] == load_submission(subs / "int2_uniform", task).sha256
     assert good["template_sha256"] == sha256_file(TEMPLATE)
@@ -121,16 +128,33 @@ def test_frozen_code_refusing_our_data_is_infra_even_with_a_crash_code(tmp_path:
     assert got.outcome is Outcome.FAILED_INFRA and "data error: bad" in got.reason
 
 
+SAME = [1234.5678, 1234.5678]
+
+
 @pytest.mark.parametrize("final,outcome", [
-    ({"val_loss": float("nan")}, Outcome.FAILED_SUBMISSION),
-    ({"val_loss": 3.5}, Outcome.SUCCEEDED),
+    ({"val_loss": float("nan"), "rank_param_checksums": SAME}, Outcome.FAILED_SUBMISSION),
+    ({"val_loss": 3.5, "rank_param_checksums": SAME}, Outcome.SUCCEEDED),
+    # Ranks that end with other parameters behaved differently: a rule violation, no score.
+    ({"val_loss": 3.5, "rank_param_checksums": [1234.5678, 1234.5679]}, Outcome.RULE_VIOLATION),
+    ({"val_loss": 3.5}, Outcome.RULE_VIOLATION),
 ])
-def test_non_finite_loss_is_the_submissions_failure(tmp_path: Path, final: dict[str, float],
-                                                    outcome: Outcome) -> None:
+def test_final_record_decides_the_pretrain_outcome(tmp_path: Path, final: dict[str, Any],
+                                                   outcome: Outcome) -> None:
     (tmp_path / "final.json").write_text(json.dumps(final))
     got = collect(_stage_run(tmp_path), tmp_path)
     assert got.outcome is outcome
     assert got.metrics == ({"val_loss": 3.5} if outcome is Outcome.SUCCEEDED else {})
+
+
+def test_a_recorded_violation_wins_over_the_ranks_crash_files(tmp_path: Path) -> None:
+    (tmp_path / "error_rank0.json").write_text(json.dumps({"kind": "exception",
+                                                           "message": "LowBitViolation: ..."}))
+    (tmp_path / "violation_rank0.json").write_text(json.dumps(
+        {"rule": "low-bit", "rank": "0", "message": "low-bit audit at step 10: lm_head ..."}))
+    got = collect(_stage_run(tmp_path, returncode=1), tmp_path)
+    assert got.outcome is Outcome.RULE_VIOLATION
+    assert got.reason == ("rule violation (low-bit, rank 0): low-bit audit at step 10: "
+                          "lm_head ...")
 
 
 def test_an_exception_recorded_by_frozen_code_is_the_submissions(tmp_path: Path) -> None:

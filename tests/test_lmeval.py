@@ -87,8 +87,10 @@ def make_attempt(root: Path, task: TaskSpec, region: str | None,
         for name, p in model.named_parameters():
             p.normal_(1.0 if ".ln_" in name and name.endswith("weight") else 0.0, 0.1)
     (root / "pretrain").mkdir(exist_ok=True)
-    torch.save({"model": model.state_dict(), "model_args": dict(model_args), "config": {},
-                "iter_num": 0, "val_loss": 9.0}, root / "pretrain" / "ckpt.pt")
+    # What the template's evaluation needs to rebuild training's validation windows.
+    config = {"batch_size": 2, "block_size": model_args["block_size"], "eval_iters": 3}
+    torch.save({"model": model.state_dict(), "model_args": dict(model_args), "config": config,
+                "iter_num": 0, "val_loss": 9.0, "world_size": 2}, root / "pretrain" / "ckpt.pt")
     return root
 
 
@@ -129,11 +131,17 @@ def hf_tokenizer() -> Any:
 
 
 @pytest.fixture(scope="module")
-def smoke_evals(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def smoke_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from harness.data.smoke import prepare_smoke
 
     corpus = tmp_path_factory.mktemp("corpus")
     prepare_smoke(corpus, max_tokens=150_000)
+    return corpus
+
+
+@pytest.fixture(scope="module")
+def smoke_evals(tmp_path_factory: pytest.TempPathFactory, smoke_corpus: Path) -> Path:
+    corpus = smoke_corpus
     out = tmp_path_factory.mktemp("evals")
     evals.prepare_smoke_evals(out, corpus, docs=24)
     return out
@@ -329,6 +337,7 @@ class TrainedRunner:
     stage runs for real through the local runner."""
 
     checkpoint_from: Path
+    reported_val_loss: float
     name: str = "local+fake-pretrain"
 
     def run(self, spec: StageSpec) -> StageRun:
@@ -337,36 +346,73 @@ class TrainedRunner:
         out = spec.log_dir
         out.mkdir(parents=True, exist_ok=True)
         (out / "ckpt.pt").write_bytes(self.checkpoint_from.read_bytes())
-        (out / "final.json").write_text(json.dumps({"val_loss": 9.0}))
-        (out / "metrics.jsonl").write_text(json.dumps({"step": 0, "val_loss": 9.0}) + "\n")
+        v = self.reported_val_loss
+        (out / "final.json").write_text(json.dumps({"val_loss": v,
+                                                    "rank_param_checksums": [1.5, 1.5]}))
+        (out / "metrics.jsonl").write_text(json.dumps({"step": 0, "val_loss": v}) + "\n")
         for log in ("stdout.log", "stderr.log"):
             (out / log).write_text("")
         return StageRun(0, True, False, 0.1, out / "stdout.log", out / "stderr.log")
 
 
-@pytest.mark.slow
-def test_attempt_runs_the_stage_and_merges_its_metrics(tmp_path: Path, task: TaskSpec,
-                                                       smoke_evals: Path) -> None:
+def _true_val_loss(trained: Path, corpus: Path) -> float:
+    """The checkpoint's val_loss as the eval stage computes it, here in this process."""
+    from harness.lmeval_run import EvalRequest, load, score_val_loss
+
+    loaded = load(EvalRequest(script=trained / "custom_pretrain.py",
+                              checkpoint=trained / "pretrain" / "ckpt.pt", evals=corpus,
+                              out=trained / "unused.json", device="cpu"))
+    return float(score_val_loss(loaded, corpus)["value"])
+
+
+def _fake_pretrain_attempt(tmp_path: Path, task: TaskSpec, smoke_evals: Path,
+                           smoke_corpus: Path, offset: float) -> tuple[Any, Any, float]:
     import shutil
 
     # The template's own ternary BitLinear, untrained: numbers are poor but must be finite.
     trained = make_attempt(tmp_path / "trained", task, None)
     data = tmp_path / "data"
     shutil.copytree(smoke_evals, data / "evals")  # copied: the YAMLs are rewritten per run
-    (data / "tiny").mkdir()
-    (data / "tiny" / "manifest.json").write_text("{}")
+    shutil.copytree(smoke_corpus, data / "tiny")
+    true = _true_val_loss(trained, data / "tiny")
     scale = dataclasses.replace(task.scale("smoke"), dataset="tiny",
                                 stages=("pretrain", lmeval.STAGE))
     sub = Submission(kind="directory", source=tmp_path, regions={}, meta={}, sha256="0" * 64,
                      name="ternary")
     prepared = Prepared(sub, task.template_text(), "")
+    runner = TrainedRunner(trained / "pretrain" / "ckpt.pt", reported_val_loss=true + offset)
     result, paths = run_attempt(prepared, task, scale, runs_dir=tmp_path / "runs", data=data,
-                                runner=TrainedRunner(trained / "pretrain" / "ckpt.pt"))
+                                runner=runner)
+    return result, paths, true
 
+
+@pytest.mark.slow
+def test_a_val_loss_that_training_misreports_invalidates_the_attempt(
+        tmp_path: Path, task: TaskSpec, smoke_evals: Path, smoke_corpus: Path) -> None:
+    # Training claims 0.5 less than the checkpoint scores: a forged or broken record.
+    result, paths, true = _fake_pretrain_attempt(tmp_path, task, smoke_evals, smoke_corpus,
+                                                 offset=-0.5)
+    assert result.status == "rule_violation"
+    assert result.reason.startswith("rule violation (cross-check): val_loss from pretrain ")
+    assert f"recomputation from the checkpoint ({true:.6g})" in result.reason
+    assert result.metrics == {}
+
+
+@pytest.mark.slow
+def test_attempt_runs_the_stage_and_merges_its_metrics(tmp_path: Path, task: TaskSpec,
+                                                       smoke_evals: Path,
+                                                       smoke_corpus: Path) -> None:
+    # Within the tolerance (bf16, compiled against eager) training's number is accepted.
+    result, paths, true = _fake_pretrain_attempt(tmp_path, task, smoke_evals, smoke_corpus,
+                                                 offset=0.004)
     assert result.status == "succeeded", result.reason
     record = load_result(paths.result)
     assert sorted(record["metrics"]) == sorted(["val_loss", *lmeval.HEADLINE])
-    assert record["metrics"]["val_loss"] == 9.0  # pretrain's, untouched
+    # The official val_loss is the eval stage's, from the checkpoint; training's is kept.
+    assert record["metrics"]["val_loss"] == pytest.approx(true, abs=1e-6)
+    assert record["stages"]["pretrain"]["trained_metrics"]["val_loss"] == true + 0.004
+    assert record["stages"][lmeval.STAGE]["val_loss"]["windows"] == 3 * 2 * 2
+    assert record["stages"][lmeval.STAGE]["lowbit_audit"]["problems"] == []
     assert all(math.isfinite(v) for v in record["metrics"].values())
     stage = record["stages"][lmeval.STAGE]
     assert stage["lm_eval_version"] == __import__("importlib.metadata").metadata.version(
@@ -379,7 +425,8 @@ def test_attempt_runs_the_stage_and_merges_its_metrics(tmp_path: Path, task: Tas
 
     # `harness eval` re-scores the same attempt from the command line.
     proc = subprocess.run([PYTHON, "-m", "harness", "eval", str(paths.root), "--evals",
-                           str(data / "evals"), "--limit", "2", "--bootstrap-iters", "10",
+                           str(tmp_path / "data" / "evals"), "--limit", "2",
+                           "--bootstrap-iters", "10",
                            "--out", str(tmp_path / "manual")], capture_output=True, text=True,
                           cwd=REPO, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert proc.returncode == 0, proc.stderr[-3000:]

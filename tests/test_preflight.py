@@ -285,7 +285,8 @@ class FakePretrain:
 
     def run(self, spec: StageSpec) -> StageRun:
         out = spec.log_dir
-        (out / "final.json").write_text(json.dumps({"val_loss": 3.0}))
+        (out / "final.json").write_text(json.dumps({"val_loss": 3.0,
+                                                    "rank_param_checksums": [7.0, 7.0]}))
         for log in ("stdout.log", "stderr.log"):
             (out / log).write_text("")
         return StageRun(0, True, False, 0.1, out / "stdout.log", out / "stderr.log")

@@ -204,12 +204,13 @@ def _as_weight(t: torch.Tensor, out_f: int, in_f: int) -> torch.Tensor | None:
 
 
 def _sample_rows(w: torch.Tensor) -> torch.Tensor:
-    """A float64 copy of at most MAX_ROWS rows, the same rows for every call."""
+    """A float64 CPU copy of at most MAX_ROWS rows, the same rows for every call (the level
+    count runs on the CPU whatever device the model trains on)."""
     w = w.detach()
     if w.shape[0] > MAX_ROWS:
         pick = torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(0))
-        w = w.index_select(0, pick[:MAX_ROWS].sort().values)
-    return w.to(torch.float64, copy=True)
+        w = w.index_select(0, pick[:MAX_ROWS].sort().values.to(w.device))
+    return w.to(device="cpu", dtype=torch.float64, copy=True)
 
 
 def weight_shape(module: nn.Module) -> tuple[int, int]:

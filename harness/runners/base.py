@@ -31,6 +31,9 @@ class Outcome(str, Enum):
     FAILED_SUBMISSION = "failed_submission"  # the submission's fault: charged
     FAILED_INFRA = "failed_infra"  # ours: never charged
     CANCELLED = "cancelled"  # stopped through the harness: never charged
+    # A rule broken at run time (frozen or torch code changed, a full-precision weight in a
+    # matmul, ranks that diverged, scores that disagree): charged, shown invalid, never ranked.
+    RULE_VIOLATION = "rule_violation"
 
 
 @dataclass(frozen=True)

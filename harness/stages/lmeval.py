@@ -87,10 +87,13 @@ def evals_dir(scale: ScaleSpec, data_root: Path) -> Path:
 
 
 def build(*, script: Path, attempt_dir: Path, checkpoint: Path, evals: Path, out_dir: Path,
-          settings: EvalSettings, timeout_s: float, python: str = sys.executable) -> StageSpec:
+          settings: EvalSettings, timeout_s: float, python: str = sys.executable,
+          data_dir: Path | None = None) -> StageSpec:
     argv = [python, str(script), f"--attempt-dir={attempt_dir}", f"--checkpoint={checkpoint}",
             f"--evals={evals}", f"--out={out_dir / EVAL_FILE}",
             f"--bootstrap-iters={settings.bootstrap_iters}", f"--device={settings.device}"]
+    if data_dir is not None:
+        argv.append(f"--data-dir={data_dir}")
     if settings.limit is not None:
         argv.append(f"--limit={settings.limit}")
     return StageSpec(name=STAGE, argv=tuple(argv), cwd=attempt_dir, log_dir=out_dir,
@@ -188,8 +191,9 @@ def _failure(out_dir: Path, run: StageRun) -> EvalOutcome | None:
     error = _read_json(out_dir / ERROR_FILE)
     if isinstance(error, dict):
         # eval_lm.py says whose fault it was: the submission's code, or our side.
-        kind = Outcome.FAILED_SUBMISSION if error.get("kind") == "submission" \
-            else Outcome.FAILED_INFRA
+        kind = {"submission": Outcome.FAILED_SUBMISSION,
+                "rule_violation": Outcome.RULE_VIOLATION}.get(str(error.get("kind")),
+                                                              Outcome.FAILED_INFRA)
         message = str(error.get("message", "")).strip().splitlines() or ["?"]
         return EvalOutcome(kind, f"lm-eval: {message[-1]}", {}, {"error": error})
     if run.timed_out:

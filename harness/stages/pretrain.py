@@ -13,13 +13,18 @@ from harness.runners.base import Outcome, StageRun, StageSpec
 from harness.task import ScaleSpec
 
 STAGE = "pretrain"
+GUARD = "harness.guard"
+# Parameter checksums (float64 sums) of the ranks may differ by this much, relatively.
+CHECKSUM_RTOL = 1e-9
 
 
 def build(scale: ScaleSpec, *, attempt_dir: Path, script: Path, data_dir: Path,
           out_dir: Path, python: str = sys.executable) -> StageSpec:
+    # Every rank starts in the frozen guard, which checks and audits the spliced script
+    # (harness/guard.py) and then runs it.
     argv = [
         python, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={scale.nproc_per_node}", str(script),
+        f"--nproc_per_node={scale.nproc_per_node}", "-m", GUARD, str(script),
         *scale.cli_args(), f"--data_dir={data_dir}", f"--out_dir={out_dir}",
     ]
     # On CPU each process gets one thread: N processes share the machine's cores.
@@ -63,6 +68,26 @@ def frozen_errors(out_dir: Path) -> list[dict[str, Any]]:
     return [e for e in found if isinstance(e, dict)]
 
 
+def violations(out_dir: Path) -> list[dict[str, Any]]:
+    """Rule violations the guard recorded (harness/guard.py), one per rank that saw one."""
+    found = [_read_json(p) for p in sorted(out_dir.glob("violation_rank*.json"))]
+    return [v for v in found if isinstance(v, dict)]
+
+
+def rank_divergence(final: dict[str, Any]) -> str | None:
+    """DDP leaves every rank with bitwise the same parameters; a submission that behaves
+    differently on some rank (in-place updates, rank-dependent randomness) does not."""
+    sums = final.get("rank_param_checksums")
+    if not isinstance(sums, list) or not sums:
+        return "final.json has no per-rank parameter checksums"
+    ref = sums[0]
+    if not all(isinstance(c, int | float) and math.isfinite(c) for c in sums):
+        return f"non-finite parameter checksums per rank: {sums}"
+    if any(abs(c - ref) > CHECKSUM_RTOL * max(1.0, abs(ref)) for c in sums):
+        return f"ranks ended with different parameters (checksums {sums})"
+    return None
+
+
 def collect(run: StageRun, out_dir: Path) -> PretrainOutcome:
     curve = read_curve(out_dir)
     if not run.started:
@@ -70,6 +95,13 @@ def collect(run: StageRun, out_dir: Path) -> PretrainOutcome:
                                curve, {})
     if run.cancelled:
         return PretrainOutcome(Outcome.CANCELLED, "cancelled through the harness", {}, curve, {})
+    found = violations(out_dir)
+    if found:
+        # Before infra and the ranks' error files: the violation is why the run stopped.
+        v = found[0]
+        return PretrainOutcome(Outcome.RULE_VIOLATION,
+                               f"rule violation ({v.get('rule')}, rank {v.get('rank')}): "
+                               f"{v.get('message')}", {}, curve, {})
     if run.infra:
         # Before the template's own error files: when the OOM killer or a node failure takes
         # one rank, the others record collective errors that are not the submission's fault.
@@ -99,4 +131,8 @@ def collect(run: StageRun, out_dir: Path) -> PretrainOutcome:
     if not isinstance(val, (int, float)) or not math.isfinite(val):
         return PretrainOutcome(Outcome.FAILED_SUBMISSION, f"val_loss is not finite ({val})", {},
                                curve, final)
+    diverged = rank_divergence(final)
+    if diverged:
+        return PretrainOutcome(Outcome.RULE_VIOLATION, f"rule violation (ranks): {diverged}",
+                               {}, curve, final)
     return PretrainOutcome(Outcome.SUCCEEDED, "ok", {"val_loss": float(val)}, curve, final)

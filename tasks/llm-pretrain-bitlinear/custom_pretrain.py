@@ -158,6 +158,12 @@ CONFIG_KEYS = [k for k, v in list(globals().items())
 OVERRIDABLE = {"learning_rate", "min_lr", "warmup_iters", "weight_decay", "beta1",
                "beta2", "grad_clip", "dropout"}
 
+# Set by the harness's stage launcher (harness/guard.py), which imports this file, checks it
+# and calls run(): called on every rank before each evaluation with the uncompiled model and
+# this rank's batch; it raises to end the run when frozen or torch code was changed or a
+# matmul saw a full-precision weight. None when the file is run directly.
+RUN_AUDIT = None
+
 # >>> EDITABLE REGION config_overrides >>>
 CONFIG_OVERRIDES = {}
 # <<< EDITABLE REGION config_overrides <<<
@@ -500,6 +506,8 @@ def main(argv):
     for it in range(max_iters + 1):
         last = it == max_iters
         if it % eval_interval == 0 or last:
+            if RUN_AUDIT is not None:
+                RUN_AUDIT(raw_model, x, y, ctx, it)
             val_loss = evaluate(model, val_shards, windows, dev, ctx)
             if master:
                 tl = train_loss.item() if it else float("nan")
@@ -548,7 +556,8 @@ def main(argv):
         train_log.close()
         if save_checkpoint:
             ckpt = {"model": raw_model.state_dict(), "model_args": model_args,
-                    "iter_num": max_iters, "config": config, "val_loss": val_loss}
+                    "iter_num": max_iters, "config": config, "val_loss": val_loss,
+                    "world_size": world}
             torch.save(ckpt, os.path.join(out_dir, "ckpt.pt.tmp"))
             os.replace(os.path.join(out_dir, "ckpt.pt.tmp"), os.path.join(out_dir, "ckpt.pt"))
         write_json_atomic(os.path.join(out_dir, "final.json"), {
@@ -572,9 +581,10 @@ def record_error(kind, message):
                       {"kind": kind, "message": message})
 
 
-if __name__ == "__main__":
+def run(argv):
+    """The command line: main(), with the failures that are ours told from the submission's."""
     try:
-        main(sys.argv[1:])
+        main(argv)
     except (ConfigError, DataError) as e:
         # A bad scale or data directory is ours to fix: the submission never ran.
         print(f"error: {e}", file=sys.stderr)
@@ -586,3 +596,7 @@ if __name__ == "__main__":
 
         record_error("exception", "".join(traceback.format_exception(e))[-4000:])
         raise
+
+
+if __name__ == "__main__":
+    run(sys.argv[1:])

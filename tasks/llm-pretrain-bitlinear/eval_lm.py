@@ -1,12 +1,16 @@
 """Frozen lm-eval entry: score an attempt's checkpoint on the six eval sets, write eval.json.
 
     python eval_lm.py --attempt-dir RUN --evals DIR --out RUN/lm-eval/eval.json [--limit N]
+                      [--data-dir SHARDS]
 
 The spliced custom_pretrain.py of the attempt is imported only to build its GPT (the
 submission's BitLinear included) from the checkpoint; lm-eval scores it offline from the
 local eval sets. Beside eval.json: samples.jsonl (per-document log-likelihoods, for audit)
-and tasks/ (the task YAMLs used). On failure, error.json says whose it was:
-{"kind": "submission" | "infra", "message": ...}; the exit code is then 1.
+and tasks/ (the task YAMLs used). With --data-dir, the official val_loss is computed here too,
+from the checkpoint on training's fixed validation windows. Before scoring, the frozen and
+torch code is verified unmodified and the model passes the low-bit audit. On failure,
+error.json says whose it was: {"kind": "submission" | "rule_violation" | "infra",
+"message": ...}; the exit code is then 1.
 """
 
 import argparse
@@ -31,6 +35,8 @@ def parse_args(argv):
     p.add_argument("--script", type=Path, default=None,
                    help="the spliced template; default: ATTEMPT_DIR/custom_pretrain.py")
     p.add_argument("--evals", type=Path, required=True, help="prepared eval-set directory")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="the attempt's token shards: also score val_loss on their val split")
     p.add_argument("--out", type=Path, required=True, help="eval.json to write")
     p.add_argument("--limit", type=int, default=None, help="documents per task (quick runs)")
     p.add_argument("--bootstrap-iters", type=int, default=100_000,
@@ -66,11 +72,13 @@ def main(argv):
                 checkpoint=args.checkpoint or attempt / "pretrain" / "ckpt.pt",
                 evals=args.evals.resolve(), out=out, limit=args.limit,
                 bootstrap_iters=args.bootstrap_iters, device=args.device, dtype=args.dtype,
-                batch_tokens=args.batch_tokens))
+                batch_tokens=args.batch_tokens,
+                data_dir=args.data_dir.resolve() if args.data_dir else None))
     except Exception as e:
-        from harness.lmeval_run import SubmissionFailure
+        from harness.lmeval_run import RuleViolation, SubmissionFailure
 
-        kind = "submission" if isinstance(e, SubmissionFailure) else "infra"
+        kind = ("submission" if isinstance(e, SubmissionFailure) else
+                "rule_violation" if isinstance(e, RuleViolation) else "infra")
         detail = "".join(traceback.format_exception(e))
         write_error(out, kind, f"{detail}\n{e}")
         print(detail, file=sys.stderr)

@@ -1,0 +1,142 @@
+"""The pretrain stage's entry point: torchrun starts this, not the spliced template itself.
+
+    python -m torch.distributed.run ... -m harness.guard SPLICED.py --name=value ...
+
+On every rank, before any submission code runs, it takes the table of torch functions the
+template relies on (integrity.TorchTable). It then imports the spliced file as a module (the
+region code runs; `main()` does not), checks that the frozen functions and the torch table are
+unmodified, installs the template's RUN_AUDIT hook and calls the template's own `run()`. The
+hook runs before every evaluation: the integrity check again, then the low-bit audit on the
+uncompiled model. Each audit is appended to AUDIT_FILE; a violation is recorded in
+violation_rank<R>.json before the run is stopped, and the stage reads that file first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from contextlib import AbstractContextManager
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+MODULE_NAME = "custom_pretrain"
+EXIT_VIOLATION = 3
+
+
+def rank() -> str:
+    return os.environ.get("RANK", "0")
+
+
+def violation_file(out_dir: Path) -> Path:
+    return out_dir / f"violation_rank{rank()}.json"
+
+
+def audit_file(out_dir: Path) -> Path:
+    return out_dir / f"audit_rank{rank()}.jsonl"
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def record_violation(out_dir: Path, rule: str, message: str, **extra: Any) -> None:
+    _write_json(violation_file(out_dir), {"rule": rule, "message": message, "rank": rank(),
+                                          **extra})
+
+
+def out_dir_of(args: list[str]) -> Path:
+    for arg in args:
+        if arg.startswith("--out_dir="):
+            return Path(arg.split("=", 1)[1])
+    return Path("out")
+
+
+class Auditor:
+    """The template's RUN_AUDIT: integrity, then the low-bit audit, before each evaluation."""
+
+    def __init__(self, module: ModuleType, source: str, table: Any, out_dir: Path) -> None:
+        self.module, self.source, self.table, self.out_dir = module, source, table, out_dir
+        self.steps: list[int] = []
+
+    def __call__(self, model: Any, idx: Any, targets: Any,
+                 autocast: AbstractContextManager[Any], step: int) -> None:
+        from harness.integrity import IntegrityError, verify
+        from harness.lowbit_audit import LowBitViolation, audit, require
+
+        self.steps.append(step)
+        try:
+            verify(self.module, self.source, self.table, when=f"before the evaluation at step "
+                                                               f"{step}")
+        except IntegrityError as e:
+            record_violation(self.out_dir, "integrity", str(e), step=step)
+            raise
+        record = audit(model, self.module.BitLinear, idx, targets, where=f"step {step}",
+                       autocast=autocast)
+        with audit_file(self.out_dir).open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **record.as_dict()}) + "\n")
+        try:
+            require(record)
+        except LowBitViolation as e:
+            record_violation(self.out_dir, "low-bit", str(e), step=step)
+            raise
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print("usage: python -m harness.guard SPLICED.py [--name=value ...]", file=sys.stderr)
+        return 2
+    script, args = Path(argv[0]).resolve(), argv[1:]
+    out_dir = out_dir_of(args)
+    # Before the submission's code exists in this process: the reference it is compared to.
+    from harness.integrity import IntegrityError, TorchTable, verify
+
+    table = TorchTable()
+    source = script.read_text(encoding="utf-8")
+    from harness.spliced import load_spliced
+
+    try:
+        module = load_spliced(script, MODULE_NAME)
+    except BaseException as e:
+        # The region's module-level code raised: the submission's failure, as in the template.
+        _write_json(out_dir / f"error_rank{rank()}.json",
+                    {"kind": "exception",
+                     "message": "".join(traceback.format_exception(e))[-4000:]})
+        raise
+    try:
+        verify(module, source, table, when="after importing the submission")
+    except IntegrityError as e:
+        record_violation(out_dir, "integrity", str(e), step=None)
+        print(f"rule violation: {e}", file=sys.stderr)
+        return EXIT_VIOLATION
+    auditor = Auditor(module, source, table, out_dir)
+    setattr(module, "RUN_AUDIT", auditor)  # noqa: B010 (a template global, not an attribute mypy knows)
+    module.run(args)
+    missed = skipped_audits(module, auditor)
+    if missed:
+        record_violation(out_dir, "audit-skipped", missed, step=None)
+        print(f"rule violation: {missed}", file=sys.stderr)
+        return EXIT_VIOLATION
+    return 0
+
+
+def skipped_audits(module: ModuleType, auditor: Auditor) -> str | None:
+    """Why the run was not audited at every evaluation, or None: a run that unhooked the
+    audit could have used float weights between pre-flight and the checkpoint."""
+    if getattr(module, "RUN_AUDIT", None) is not auditor:
+        return "the template's RUN_AUDIT hook was replaced during the run"
+    last, every = int(module.max_iters), int(module.eval_interval)
+    expected = sorted({*range(0, last + 1, every), last})
+    if auditor.steps != expected:
+        return (f"audited at steps {auditor.steps[:5]}, expected {expected[:5]} "
+                f"({len(auditor.steps)} of {len(expected)} evaluations)")
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
