@@ -20,6 +20,7 @@ from typing import Any, TextIO
 from harness.errors import UserError
 from harness.ledger import (
     FINISHED,
+    REFUNDABLE,
     AttemptRow,
     Ledger,
     SessionRow,
@@ -249,6 +250,7 @@ class Recovered:
     attempt: AttemptRow
     action: str  # "settled" | "alive" | "elsewhere"
     killed: tuple[int, ...] = ()
+    status: str = "failed_infra"  # how it was settled
 
     def render(self) -> str:
         a = self.attempt
@@ -257,10 +259,11 @@ class Recovered:
             return f"left alone: {who}: its process is alive"
         if self.action == "elsewhere":
             return f"left alone: {who}: another host; run `harness recover` there"
-        refund = ", refunded" if a.charged else ""
+        refund = ", refunded" if a.charged and self.status in REFUNDABLE else ""
+        kept = " (its final record was written)" if self.status != "failed_infra" else ""
         killed = (f"; killed {len(self.killed)} orphaned stage process(es)"
                   if self.killed else "")
-        return f"settled: {who}: failed_infra{refund}{killed}"
+        return f"settled: {who}: {self.status}{kept}{refund}{killed}"
 
 
 def stage_processes(root: Path) -> list[int]:
@@ -280,32 +283,80 @@ def stage_processes(root: Path) -> list[int]:
 
 
 def kill_stage_processes(root: Path, wait_s: float = KILL_WAIT_S) -> tuple[int, ...]:
-    pids = stage_processes(root)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    """SIGKILL them until none is left (one may have been forking as the first round came)."""
+    killed: list[int] = []
     deadline = time.monotonic() + wait_s
-    while stage_processes(root) and time.monotonic() < deadline:
+    while (pids := stage_processes(root)) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            if pid not in killed:
+                killed.append(pid)
         time.sleep(0.05)
-    return tuple(pids)
+    return tuple(killed)
+
+
+def _record(root: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((root / "result.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def attempt_folder(ledger: Ledger, a: AttemptRow) -> Path | None:
+    """The folder of an attempt, also when its harness died before the ledger learnt it (the
+    ledger records it at the charge): a test refused by the checks has the row's id as its
+    name; a test's stage folder embeds the test's name. None when there is none."""
+    if a.attempt_dir:
+        return Path(a.attempt_dir)
+    runs = ledger.runs_dir
+    if (runs / a.id).is_dir():
+        return runs / a.id
+    from harness.session import test_name
+
+    known = {r[0] for r in ledger.conn.execute(
+        "SELECT attempt_dir FROM attempts WHERE attempt_dir IS NOT NULL")}
+    tag = f"-{test_name(a.session_id, a.number)}-"
+    found = [p for p in runs.iterdir() if p.is_dir() and tag in p.name
+             and str(p) not in known] if runs.is_dir() else []
+    return found[0] if len(found) == 1 else None
+
+
+def _settlement(root: Path | None, reason: str) -> Settlement:
+    """How recover settles an attempt whose harness died: failed_infra, its result.json
+    completed; but a final record the harness wrote before it died (it had settled everything
+    but the ledger) stands, and the ledger takes it."""
+    record = _record(root) if root else None
+    if root is not None and record is not None and record.get("status") in FINISHED:
+        status = str(record["status"])
+        metrics = record.get("metrics") if status == "succeeded" else None
+        return Settlement(status, str(record.get("reason") or ""),
+                          metrics={k: float(v) for k, v in metrics.items()
+                                   if isinstance(v, int | float)}
+                          if isinstance(metrics, dict) else {},
+                          attempt_dir=str(root), result_sha256=sha256_file(root / "result.json"))
+    sha = close_record(root, "failed_infra", reason) if root else None
+    return Settlement("failed_infra", reason, attempt_dir=str(root) if root else None,
+                      result_sha256=sha)
 
 
 def recover(ledger: Ledger) -> list[Recovered]:
-    """Settle every in-progress attempt whose owner process is gone as failed_infra."""
+    """Settle every in-progress attempt whose owner process is gone (see _settlement)."""
     out = []
     for a in ledger.in_progress():
         state = owner_state(a.pid, a.host, a.start_token)
         if state != "gone":
             out.append(Recovered(a, state))
             continue
-        root = Path(a.attempt_dir) if a.attempt_dir else None
+        root = attempt_folder(ledger, a)
         killed = kill_stage_processes(root) if root else ()
         reason = (f"the harness process (pid {a.pid} on {a.host}) ended while the attempt was "
                   f"{a.status}; settled by `harness recover`")
-        sha = close_record(root, "failed_infra", reason) if root else None
+        settlement = _settlement(root, reason)
         try:
-            ledger.finish(a.id, Settlement("failed_infra", reason, result_sha256=sha))
+            ledger.finish(a.id, settlement)
         except UserError:
             continue  # another recover settled it first
-        out.append(Recovered(a, "settled", killed))
+        out.append(Recovered(a, "settled", killed, settlement.status))
     return out

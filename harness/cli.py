@@ -55,6 +55,16 @@ def _runner_args(p: argparse.ArgumentParser) -> None:
                    help="runner settings (default: $HARNESS_CONFIG or ./harness.toml)")
 
 
+def _checked_runner(args: argparse.Namespace) -> Runner:
+    """The runner for a command that runs a submission, with the note when it is no sandbox."""
+    runner = _runner_from(args)
+    if runner.name == "local":
+        from harness.runners.local import warn_not_a_sandbox
+
+        warn_not_a_sandbox()
+    return runner
+
+
 def _runner_from(args: argparse.Namespace) -> Runner:
     from harness.runners import make_runner
     from harness.runners.config import load_config, with_overrides
@@ -200,7 +210,8 @@ def _runs_dir(args: argparse.Namespace) -> Path:
     return Path(args.runs_dir or os.environ.get("HARNESS_RUNS", "runs"))
 
 
-def _run_one(submission: Path, args: argparse.Namespace) -> dict[str, Any]:
+def _run_one(submission: Path, args: argparse.Namespace, *,
+             trusted: bool = False) -> dict[str, Any]:
     from dataclasses import asdict
 
     from harness.attempt import data_root, prepare, run_attempt
@@ -209,9 +220,9 @@ def _run_one(submission: Path, args: argparse.Namespace) -> dict[str, Any]:
     task = load_task(args.task)
     scale = task.scale(args.scale)
     prepared = prepare(submission, task)
+    runner = _runner_from(args) if trusted else _checked_runner(args)
     result, paths = run_attempt(prepared, task, scale, runs_dir=_runs_dir(args),
-                                data=data_root(args.data_dir), runner=_runner_from(args),
-                                preflight=True)
+                                data=data_root(args.data_dir), runner=runner, preflight=True)
     out = asdict(result)
     out["result_path"] = str(paths.result)
     return out
@@ -247,7 +258,7 @@ def cmd_baselines(args: argparse.Namespace) -> int:
     rows = []
     for d in dirs:
         print(f"[baselines] {d.name}: running at scale {args.scale} ...", flush=True)
-        rows.append(_run_one(d, args))
+        rows.append(_run_one(d, args, trusted=True))  # our own baselines
     print(format_table(rows))
     # The page of exactly these runs (not of everything in the runs dir), next to them.
     from harness.leaderboard import baselines_page

@@ -222,8 +222,7 @@ class Session:
         return new_attempt_id(self._submission_name(number), digest)
 
     def _submission_name(self, number: int) -> str:
-        # Without the session's timestamp: the attempt id that embeds this name has its own.
-        return f"ses-{self.id.rsplit('-', 1)[-1]}-t{number}"
+        return test_name(self.id, number)
 
     def _run(self, attempt: AttemptRow, state: _Progress) -> TestReport:
         scale = self.task.scale(self.row.scale)
@@ -235,6 +234,10 @@ class Session:
         except UserError as e:
             return self._refused_by_checks(attempt, e)
         runner = self.runner or configured_runner()
+        if runner.name == "local":
+            from harness.runners.local import warn_not_a_sandbox
+
+            warn_not_a_sandbox()
         self.ledger.set_status(
             attempt.id, "running", started_at=now_iso(), runner=runner.name,
             spliced_sha256=sha256_bytes(prepared.spliced.encode()), region_diff=prepared.diff,
@@ -432,6 +435,13 @@ class _Progress:
 # --- helpers -----------------------------------------------------------------------
 
 
+def test_name(session_id: str, number: int) -> str:
+    """Test #number's submission name, which its attempt folder's name embeds (how `harness
+    recover` finds a folder the ledger never learnt). Without the session's timestamp: the
+    attempt id that embeds this name has its own."""
+    return f"ses-{session_id.rsplit('-', 1)[-1]}-t{number}"
+
+
 def new_session_id() -> str:
     import secrets
     import time
@@ -517,6 +527,9 @@ def _stage_sections(result: Result, root: Path, task: TaskSpec, scale: str) -> l
                     *str(trace).rstrip().splitlines()[-TRACEBACK_LINES:]]
     if result.status == "failed_submission":  # an infra failure has its [REFUNDED] line
         out.append(f"[FAILED] {result.reason}")
+    elif result.status == "rule_violation":
+        out.append(f"[RULE VIOLATION] {result.reason}. This test was charged and its result "
+                   "can never be submitted or ranked; see docs/security.md.")
     return out
 
 

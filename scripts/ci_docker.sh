@@ -2,7 +2,8 @@
 # The docker tests (pytest -m docker, deselected by `make test`): a smoke attempt inside the
 # harness image equals the local runner's, a container has no network and writes only its
 # output folder, the OOM killer and a `docker kill` from outside end a stage as infra
-# (refunded). No image registry is reachable here, so everything is built locally:
+# (refunded), and tests/security's docker cases (a stage container killed at a random moment is
+# never charged). No image registry is reachable here, so everything is built locally:
 #   1. Debian's docker.io and debootstrap, installed when missing;
 #   2. dockerd, started in the background when no engine answers;
 #   3. a Debian bookworm base image (debootstrap + docker import), built once, cached by tag;
@@ -46,4 +47,4 @@ make install VENV="$VENV"
 "$VENV/bin/harness" image build --base "$BASE" --tag "$HARNESS_TEST_IMAGE"
 "$VENV/bin/harness" image check "$HARNESS_TEST_IMAGE"
 # This -m replaces the default one in pyproject's addopts (the last -m wins).
-"$VENV/bin/python" -m pytest -q -m docker tests/docker
+"$VENV/bin/python" -m pytest -q -m docker tests/docker tests/security

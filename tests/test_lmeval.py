@@ -390,7 +390,7 @@ def _fake_pretrain_attempt(tmp_path: Path, task: TaskSpec, smoke_evals: Path,
 def test_a_val_loss_that_training_misreports_invalidates_the_attempt(
         tmp_path: Path, task: TaskSpec, smoke_evals: Path, smoke_corpus: Path) -> None:
     # Training claims 0.5 less than the checkpoint scores: a forged or broken record.
-    result, paths, true = _fake_pretrain_attempt(tmp_path, task, smoke_evals, smoke_corpus,
+    result, _paths, true = _fake_pretrain_attempt(tmp_path, task, smoke_evals, smoke_corpus,
                                                  offset=-0.5)
     assert result.status == "rule_violation"
     assert result.reason.startswith("rule violation (cross-check): val_loss from pretrain ")

@@ -26,4 +26,4 @@ def make_runner(config: RunnerConfig) -> Runner:
         return SlurmRunner(config.slurm, wrap=wrap)
     from harness.runners.local import LocalRunner
 
-    return LocalRunner()
+    return LocalRunner(config.local)

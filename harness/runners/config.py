@@ -3,6 +3,9 @@
     [runner]
     kind = "docker"            # local | docker | apptainer | slurm
 
+    [runner.local]             # limits only: the local runner is NOT a sandbox
+    memory_gb = 64
+
     [runner.docker]
     image = "bitlinear-harness:cpu"
     memory = "16g"
@@ -36,6 +39,17 @@ else:  # pragma: no cover
 CONFIG_ENV = "HARNESS_CONFIG"
 DEFAULT_CONFIG = "harness.toml"
 KINDS = ("local", "docker", "apptainer", "slurm")
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    """Limits the local runner sets on each stage (setrlimit, inherited by every rank). The
+    local runner is still no sandbox: these bound accidents, not an attacker."""
+
+    memory_gb: float = 0.0  # RLIMIT_DATA per process (heap and anonymous maps); 0: none
+    file_size_gb: float = 64.0  # RLIMIT_FSIZE: the largest file a stage may write
+    open_files: int = 4096  # RLIMIT_NOFILE
+    core_dumps: bool = False  # RLIMIT_CORE 0: no multi-GB core files in the attempt
 
 
 @dataclass(frozen=True)
@@ -74,6 +88,7 @@ class SlurmSettings:
 @dataclass(frozen=True)
 class RunnerConfig:
     kind: str = "local"
+    local: LocalSettings = field(default_factory=LocalSettings)
     docker: DockerSettings = field(default_factory=DockerSettings)
     apptainer: ApptainerSettings = field(default_factory=ApptainerSettings)
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
@@ -113,12 +128,15 @@ def parse_config(data: dict[str, Any], source: str) -> RunnerConfig:
         raise UserError("[runner] must be a table", where=source)
     top = {k: v for k, v in runner.items() if not isinstance(v, dict)}
     bad = sorted(set(top) - {"kind"}) + sorted(
-        set(k for k, v in runner.items() if isinstance(v, dict)) - {"docker", "apptainer", "slurm"})
+        set(k for k, v in runner.items() if isinstance(v, dict))
+        - {"local", "docker", "apptainer", "slurm"})
     if bad:
         raise UserError(f"unknown setting {bad[0]!r} in [runner]", where=source,
-                        fix="known: kind, [runner.docker], [runner.apptainer], [runner.slurm]")
+                        fix="known: kind, [runner.local], [runner.docker], [runner.apptainer], "
+                            "[runner.slurm]")
     config = RunnerConfig(
         kind=str(top.get("kind", "local")),
+        local=_section(LocalSettings, runner.get("local", {}), f"{source} [runner.local]"),
         docker=_section(DockerSettings, runner.get("docker", {}), f"{source} [runner.docker]"),
         apptainer=_section(ApptainerSettings, runner.get("apptainer", {}),
                            f"{source} [runner.apptainer]"),

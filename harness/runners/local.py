@@ -1,24 +1,40 @@
 """Local runner: a subprocess in its own process group, killed whole on timeout.
 
-Not a sandbox: the stage runs with this user's rights. It scrubs the environment, bounds the
-time and (optionally) the address space and process count; untrusted code belongs in the
-container runners.
+NOT A SANDBOX: the stage runs with this user's rights, can read what this user can read and
+reach the network. It scrubs the environment of secrets, bounds the time, memory, file sizes
+and open files ([runner.local] in harness.toml) and drops core dumps; what stops an untrusted
+submission here is only the static policy and the run-time checks (docs/security.md).
+Untrusted code belongs in the docker or apptainer runner.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
+import secrets
 import signal
 import subprocess
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import IO
 
 from harness.runners.base import Exit, Job, RunnerError, StagedRunner, StageSpec
+from harness.runners.config import LocalSettings
+
+NOT_A_SANDBOX = ("note: the local runner is not a sandbox; run submissions you do not trust "
+                 "with --runner docker (or apptainer), see docs/security.md")
+_GB = 1 << 30
 
 # Only these variables reach a stage: no tokens, keys or cloud credentials.
 PASS_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ", "CUDA_VISIBLE_DEVICES",
             "NVIDIA_VISIBLE_DEVICES", "LD_LIBRARY_PATH")
 KILL_GRACE_S = 10.0
+# Set in every stage's environment, and so inherited by all its processes: how cleanup finds
+# the ones its process group does not hold (torchrun starts each rank in a session of its own).
+STAGE_TOKEN_ENV = "HARNESS_STAGE_TOKEN"
 # The top process (torchrun) dying of these was someone else's doing: the stage's own code
 # cannot signal it (the static rules refuse os, signal and subprocess).
 OUTSIDE_SIGNALS = {signal.SIGKILL: "SIGKILL", signal.SIGTERM: "SIGTERM",
@@ -59,6 +75,36 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
             continue
 
 
+def tagged_processes(token: str) -> list[int]:
+    """This user's live processes that carry the stage token in their environment."""
+    needle = f"{STAGE_TOKEN_ENV}={token}".encode()
+    found = []
+    proc = Path("/proc")
+    for entry in proc.iterdir() if proc.is_dir() else []:
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if entry.stat().st_uid != os.getuid():
+                continue
+            if needle in (entry / "environ").read_bytes().split(b"\0") and \
+                    (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                found.append(int(entry.name))
+        except (OSError, IndexError):
+            continue
+    return found
+
+
+def _kill_tagged(token: str) -> None:
+    """SIGKILL what is left of a stage: ranks torchrun left behind when it was killed from
+    outside would otherwise train on, writing into an attempt whose record is closed."""
+    for pid in tagged_processes(token):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + KILL_GRACE_S
+    while tagged_processes(token) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def outside_kill(returncode: int | None) -> str | None:
     if returncode is None or returncode >= 0:
         return None
@@ -71,25 +117,59 @@ def outside_kill(returncode: int | None) -> str | None:
         f"out-of-memory killer)")
 
 
+def rlimits(settings: LocalSettings) -> dict[int, int]:
+    """resource id -> soft and hard limit, for the stage's processes."""
+    limits = {resource.RLIMIT_NOFILE: settings.open_files,
+              resource.RLIMIT_FSIZE: int(settings.file_size_gb * _GB)}
+    if not settings.core_dumps:
+        limits[resource.RLIMIT_CORE] = 0
+    if settings.memory_gb > 0:
+        limits[resource.RLIMIT_DATA] = int(settings.memory_gb * _GB)
+    return limits
+
+
+def _limiter(limits: dict[int, int]) -> Callable[[], None]:
+    def apply() -> None:  # in the child, between fork and exec
+        for which, value in limits.items():
+            hard = resource.getrlimit(which)[1]
+            cap = value if hard == resource.RLIM_INFINITY else min(value, hard)
+            resource.setrlimit(which, (cap, cap))
+    return apply
+
+
+def warn_not_a_sandbox() -> None:
+    """The loud note, on stderr, for commands that run a submission with the local runner."""
+    print(NOT_A_SANDBOX, file=sys.stderr)
+
+
 class LocalRunner(StagedRunner):
     name = "local"
 
-    def __init__(self) -> None:
+    def __init__(self, settings: LocalSettings | None = None) -> None:
+        self.settings = settings or LocalSettings()
         self._procs: dict[str, tuple[subprocess.Popen[bytes], IO[bytes], IO[bytes]]] = {}
+        self._tokens: dict[str, str] = {}
 
     def launch(self, spec: StageSpec) -> Job:
         out_path, err_path = self.logs(spec)
         out, err = out_path.open("wb"), err_path.open("wb")
+        token = secrets.token_hex(16)
+        env = scrubbed_env({**spec.env, STAGE_TOKEN_ENV: token})
         try:
             proc = subprocess.Popen(list(spec.argv), cwd=spec.cwd, stdout=out, stderr=err,
-                                    stdin=subprocess.DEVNULL, env=scrubbed_env(spec.env),
-                                    start_new_session=True)
+                                    stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                    preexec_fn=_limiter(rlimits(self.settings)))
         except OSError as e:
             out.close()
             err.close()
             raise RunnerError(f"could not start {spec.argv[0]}: {e.strerror}") from e
         self._procs[str(proc.pid)] = (proc, out, err)
-        return Job(spec, str(proc.pid), time.monotonic(), {"pid": proc.pid})
+        self._tokens[str(proc.pid)] = token
+        s = self.settings
+        return Job(spec, str(proc.pid), time.monotonic(),
+                   {"pid": proc.pid, "sandbox": False,
+                    "limits": {"memory_gb": s.memory_gb, "file_size_gb": s.file_size_gb,
+                               "open_files": s.open_files}})
 
     def poll(self, job: Job) -> Exit | None:
         rc = self._procs[job.handle][0].poll()
@@ -98,11 +178,14 @@ class LocalRunner(StagedRunner):
     def kill(self, job: Job) -> Exit:
         proc = self._procs[job.handle][0]
         _kill_group(proc)
+        _kill_tagged(self._tokens[job.handle])
         return Exit(proc.returncode)
 
     def cleanup(self, job: Job) -> None:
         proc, out, err = self._procs.pop(job.handle)
         if proc.poll() is None:
             _kill_group(proc)
+        # Before the stage's files are read and hashed: nothing of it may still write.
+        _kill_tagged(self._tokens.pop(job.handle))
         out.close()
         err.close()
