@@ -14,16 +14,21 @@ from harness.task import ScaleSpec
 
 STAGE = "pretrain"
 GUARD = "harness.guard"
+LAUNCHER = "harness.launch"
+LAUNCH_FILE = "launcher.json"
+# A rank that died of one of these was killed from outside (OOM killer, operator): the code
+# running in it cannot send them (the static rules refuse os and signal).
+OUTSIDE_SIGNALS = {9: "SIGKILL", 15: "SIGTERM", 2: "SIGINT", 1: "SIGHUP"}
 # Parameter checksums (float64 sums) of the ranks may differ by this much, relatively.
 CHECKSUM_RTOL = 1e-9
 
 
 def build(scale: ScaleSpec, *, attempt_dir: Path, script: Path, data_dir: Path,
           out_dir: Path, python: str = sys.executable) -> StageSpec:
-    # Every rank starts in the frozen guard, which checks and audits the spliced script
-    # (harness/guard.py) and then runs it.
+    # torchrun through harness.launch, which records how each rank ended; every rank starts
+    # in the guard, which checks and audits the spliced script (harness/guard.py), then runs it.
     argv = [
-        python, "-m", "torch.distributed.run", "--standalone",
+        python, "-m", LAUNCHER, "--standalone",
         f"--nproc_per_node={scale.nproc_per_node}", "-m", GUARD, str(script),
         *scale.cli_args(), f"--data_dir={data_dir}", f"--out_dir={out_dir}",
     ]
@@ -88,6 +93,25 @@ def rank_divergence(final: dict[str, Any]) -> str | None:
     return None
 
 
+def killed_rank(out_dir: Path) -> str | None:
+    """Why the run's failure was a kill from outside, from the launcher's record, or None.
+    SIGKILL of any rank counts (torchrun only ever sends SIGTERM); another signal counts when
+    it hit the rank that failed first."""
+    record = _read_json(out_dir / LAUNCH_FILE)
+    if not isinstance(record, dict) or not isinstance(record.get("failures"), dict):
+        return None
+    codes = {rank: f.get("exitcode") for rank, f in record["failures"].items()
+             if isinstance(f, dict) and isinstance(f.get("exitcode"), int)}
+    for rank, code in sorted(codes.items()):
+        if code == -9:
+            return f"rank {rank} was killed by SIGKILL (the out-of-memory killer or an operator)"
+    first = str(record.get("first"))
+    code = codes.get(first)
+    if code is not None and code < 0 and -code in OUTSIDE_SIGNALS:
+        return f"rank {first} was killed by {OUTSIDE_SIGNALS[-code]} from outside the harness"
+    return None
+
+
 def collect(run: StageRun, out_dir: Path) -> PretrainOutcome:
     curve = read_curve(out_dir)
     if not run.started:
@@ -106,6 +130,9 @@ def collect(run: StageRun, out_dir: Path) -> PretrainOutcome:
         # Before the template's own error files: when the OOM killer or a node failure takes
         # one rank, the others record collective errors that are not the submission's fault.
         return PretrainOutcome(Outcome.FAILED_INFRA, run.infra, {}, curve, {})
+    killed = killed_rank(out_dir)
+    if killed:
+        return PretrainOutcome(Outcome.FAILED_INFRA, killed, {}, curve, {})
     errors = frozen_errors(out_dir)
     ours = [e for e in errors if e.get("kind") in ("config", "data")]
     if ours:
