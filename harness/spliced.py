@@ -19,9 +19,13 @@ def load_spliced(script: Path, name: str | None = None) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     # dataclasses look their class's module up in sys.modules while decorating GPTConfig.
     sys.modules[name] = module
+    # No __pycache__ beside the script: the attempt folder is not the stage's to write.
+    keep, sys.dont_write_bytecode = sys.dont_write_bytecode, True
     try:
         spec.loader.exec_module(module)
     except BaseException:
         sys.modules.pop(name, None)
         raise
+    finally:
+        sys.dont_write_bytecode = keep
     return module

@@ -103,6 +103,27 @@ def test_an_older_ledger_keeps_its_rows_through_migration(tmp_path: Path) -> Non
         assert led.edits("ses-old") == []
 
 
+def test_a_v3_ledger_learns_rule_violation_in_place(tmp_path: Path) -> None:
+    conn = connect(tmp_path / "ledger.sqlite3")
+    assert migrate(conn, target=3) == 3  # before rule_violation existed
+    conn.execute("INSERT INTO sessions VALUES ('ses-1', 't', '1', '/t', 'x', 'smoke', 'a', "
+                 "'agent', NULL, '2026-01-01T00:00:00Z', 2, 1)")
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK constraint failed"):
+        conn.execute("INSERT INTO attempts (id, session_id, number, status, created_at, host, "
+                      "pid, start_token) VALUES ('a0', 'ses-1', 9, 'rule_violation', 'now', "
+                      "'h', 1, 't')")
+    conn.close()
+    with Ledger(tmp_path) as led:
+        assert user_version(led.conn) == SCHEMA_VERSION
+        finish(led, start(led), "rule_violation")
+        (a,) = led.attempts("ses-1")
+        # A rule broken at run time is the submission's doing: charged, never refunded.
+        assert (a.status, a.charged, a.refunded) == ("rule_violation", True, False)
+        assert led.used("ses-1") == 1 and led.integrity_check() == []
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK constraint failed"):
+            led.conn.execute("UPDATE attempts SET status = 'nonsense'")
+
+
 def test_a_newer_ledger_is_refused(tmp_path: Path) -> None:
     conn = connect(tmp_path / "ledger.sqlite3")
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
