@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -52,6 +53,27 @@ def short_scale(task_dir: Path, base: str, iters: int, log_interval: int) -> str
     return name
 
 
+def eval_checks(paths: Any, data_dir: Path, task: Any, result: Any) -> dict[str, Any]:
+    """What the eval stage checks before scoring, timed, on this attempt's checkpoint."""
+    from harness.attempt import cross_check
+    from harness.lmeval_run import EvalRequest, audit_checkpoint, load, score_val_loss
+
+    t0 = time.monotonic()
+    loaded = load(EvalRequest(script=paths.spliced, checkpoint=paths.stage_dir("pretrain")
+                              / "ckpt.pt", evals=data_dir, out=paths.root / "unused.json",
+                              device="cuda", data_dir=data_dir))
+    t_load = time.monotonic()
+    audit = audit_checkpoint(loaded)
+    t_audit = time.monotonic()
+    val = score_val_loss(loaded, data_dir)
+    t_val = time.monotonic()
+    return {"load_s": round(t_load - t0, 2), "audit_s": round(t_audit - t_load, 2),
+            "val_loss_s": round(t_val - t_audit, 2), "audit": audit, "val_loss": val,
+            "trained_val_loss": result.metrics.get("val_loss"),
+            "cross_check": cross_check(task, result.metrics, {"val_loss": val["value"]})
+            or "agrees"}
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scale", default="gpt-345m")
@@ -59,6 +81,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--log-interval", type=int, default=5)
     p.add_argument("--submission", type=Path, default=REPO / "baselines" / "binary_sign")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--eval-checks", action="store_true",
+                   help="also run the eval stage's checks on the checkpoint in this process: "
+                        "low-bit audit, val_loss recomputation and the cross-check (needs lm_eval)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="attempt-gpu-") as tmp:
         work = Path(tmp)
@@ -78,6 +103,10 @@ def main(argv: list[str]) -> int:
         log = [json.loads(line) for line in
                (paths.stage_dir("pretrain") / "train_log.jsonl").read_text().splitlines()]
         record = json.loads(paths.result.read_text())
+        audits = [json.loads(line) for f in sorted(paths.stage_dir("pretrain").glob(
+            "audit_rank*.jsonl")) for line in f.read_text().splitlines()]
+        checks = eval_checks(paths, data / "synthetic", task, result) if args.eval_checks \
+            and result.status == "succeeded" else None
     tokens_per_iter = (scale.config["batch_size"] * scale.config["block_size"]
                        * scale.config["gradient_accumulation_steps"])
     # Seconds per iteration between log lines; the first two intervals hold compilation.
@@ -91,6 +120,7 @@ def main(argv: list[str]) -> int:
         "tokens_per_s": round(tokens_per_iter / dt, 1), "attempt_wall_s": round(wall, 1),
         "pretrain_wall_s": record["stages"]["pretrain"]["wall_s"],
         "val_loss": result.metrics.get("val_loss"), "final": record["stages"]["pretrain"]["final"],
+        "audits": audits, "eval_checks": checks,
     }
     print(json.dumps(summary, indent=2, default=str))
     if args.out:
