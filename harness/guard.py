@@ -100,6 +100,10 @@ def main(argv: list[str]) -> int:
     source = script.read_text(encoding="utf-8")
     from harness.spliced import load_spliced
 
+    # From here on a failure can be the submission's; before it, only ours (the stage reads
+    # this marker: no marker on any rank means the submission never ran).
+    _write_json(out_dir / f"guard_rank{rank()}.json", {"rank": rank(), "started": True})
+
     try:
         module = load_spliced(script, MODULE_NAME)
     except BaseException as e:

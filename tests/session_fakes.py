@@ -42,6 +42,7 @@ class FakeRunner:
         stdout.write_text(f"fake stage {spec.name} in {spec.cwd}\n{STDOUT_DECOY}\n")
         stderr.write_text("")
         if self.outcome == "raise":
+            (out / "guard_rank0.json").write_text(json.dumps({"started": True}))
             (out / "error_rank0.json").write_text(json.dumps(
                 {"kind": "exception", "message": "Traceback ...\nRuntimeError: boom at step 5\n"}))
             return StageRun(1, True, False, 0.01, stdout, stderr)

@@ -109,11 +109,24 @@ def test_baselines_command_records_success_and_submission_failure(tmp_path: Path
     assert "in forward" in bad["stages"]["pretrain"]["traceback"]
 
 
-def _stage_run(tmp_path: Path, **kw: object) -> StageRun:
+def _stage_run(tmp_path: Path, *, guard: bool = True, **kw: object) -> StageRun:
+    """guard: the ranks got as far as importing the submission (the guard's marker)."""
+    if guard:
+        (tmp_path / "guard_rank0.json").write_text('{"started": true}')
     args: dict[str, object] = {"returncode": 0, "started": True, "timed_out": False,
                                "wall_s": 1.0, "stdout": tmp_path / "o", "stderr": tmp_path / "e"}
     args.update(kw)
     return StageRun(**args)  # type: ignore[arg-type]
+
+
+def test_a_stage_that_failed_before_the_submission_ran_is_infra(tmp_path: Path) -> None:
+    # harness.launch or the guard could not even start (no harness in the image, say).
+    got = collect(_stage_run(tmp_path, guard=False, returncode=1), tmp_path)
+    assert got.outcome is Outcome.FAILED_INFRA
+    assert got.reason.startswith("the stage failed before the submission ran (exit code 1")
+    # The same exit once a rank had imported the submission: the submission's.
+    assert collect(_stage_run(tmp_path, returncode=1), tmp_path).outcome is \
+        Outcome.FAILED_SUBMISSION
 
 
 def test_a_stage_that_never_started_is_infra(tmp_path: Path) -> None:

@@ -139,6 +139,13 @@ def collect(run: StageRun, out_dir: Path) -> PretrainOutcome:
         # The template refused our own inputs: the submission never ran, so never charge it.
         return PretrainOutcome(Outcome.FAILED_INFRA,
                                f"{ours[0]['kind']} error: {ours[0].get('message')}", {}, curve, {})
+    if not run.timed_out and run.returncode not in (0, None) \
+            and not list(out_dir.glob("guard_rank*.json")):
+        # No rank reached the point where the submission is imported: the launcher, torchrun
+        # or the guard itself failed (harness not installed in the image, say).
+        return PretrainOutcome(Outcome.FAILED_INFRA,
+                               f"the stage failed before the submission ran (exit code "
+                               f"{run.returncode}; see the stage's stderr)", {}, curve, {})
     if errors:
         message = str(errors[0].get("message", "")).rstrip()
         return PretrainOutcome(Outcome.FAILED_SUBMISSION,
