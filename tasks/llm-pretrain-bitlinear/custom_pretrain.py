@@ -158,15 +158,15 @@ CONFIG_KEYS = [k for k, v in list(globals().items())
 OVERRIDABLE = {"learning_rate", "min_lr", "warmup_iters", "weight_decay", "beta1",
                "beta2", "grad_clip", "dropout"}
 
+# >>> EDITABLE REGION config_overrides >>>
+CONFIG_OVERRIDES = {}
+# <<< EDITABLE REGION config_overrides <<<
+
 # Set by the harness's stage launcher (harness/guard.py), which imports this file, checks it
 # and calls run(): called on every rank before each evaluation with the uncompiled model and
 # this rank's batch; it raises to end the run when frozen or torch code was changed or a
 # matmul saw a full-precision weight. None when the file is run directly.
 RUN_AUDIT = None
-
-# >>> EDITABLE REGION config_overrides >>>
-CONFIG_OVERRIDES = {}
-# <<< EDITABLE REGION config_overrides <<<
 
 
 class ConfigError(Exception):
