@@ -22,6 +22,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from harness.paths import atomic_write_json
+
 MODULE_NAME = "custom_pretrain"
 EXIT_VIOLATION = 3
 
@@ -38,15 +40,8 @@ def audit_file(out_dir: Path) -> Path:
     return out_dir / f"audit_rank{rank()}.jsonl"
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def record_violation(out_dir: Path, rule: str, message: str, **extra: Any) -> None:
-    _write_json(violation_file(out_dir), {"rule": rule, "message": message, "rank": rank(),
+    atomic_write_json(violation_file(out_dir), {"rule": rule, "message": message, "rank": rank(),
                                           **extra})
 
 
@@ -102,13 +97,13 @@ def main(argv: list[str]) -> int:
 
     # From here on a failure can be the submission's; before it, only ours (the stage reads
     # this marker: no marker on any rank means the submission never ran).
-    _write_json(out_dir / f"guard_rank{rank()}.json", {"rank": rank(), "started": True})
+    atomic_write_json(out_dir / f"guard_rank{rank()}.json", {"rank": rank(), "started": True})
 
     try:
         module = load_spliced(script, MODULE_NAME)
     except BaseException as e:
         # The region's module-level code raised: the submission's failure, as in the template.
-        _write_json(out_dir / f"error_rank{rank()}.json",
+        atomic_write_json(out_dir / f"error_rank{rank()}.json",
                     {"kind": "exception",
                      "message": "".join(traceback.format_exception(e))[-4000:]})
         raise

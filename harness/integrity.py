@@ -18,6 +18,7 @@ Line numbers are not part of a fingerprint; the bytecode, names and constants ar
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib
 from collections.abc import Iterable, Iterator
@@ -148,6 +149,7 @@ def _code_consts(code: CodeType) -> Iterator[CodeType]:
             yield const
 
 
+@functools.cache  # verify() runs at every evaluation; the file never changes in a run
 def frozen_code(source: str, filename: str) -> dict[str, str]:
     """'name' or 'Class.method' -> fingerprint, for every frozen top-level def and method."""
     tree = ast.parse(source)
@@ -170,6 +172,7 @@ def frozen_code(source: str, filename: str) -> dict[str, str]:
     return out
 
 
+@functools.cache
 def _torch_dir() -> str:
     import torch
 
@@ -196,6 +199,7 @@ def _runtime_object(module: ModuleType, qualname: str) -> Any:
     return obj
 
 
+@functools.cache
 def frozen_imports(source: str) -> dict[str, str]:
     """Name bound by a frozen top-level import -> the dotted object it binds."""
     region = _region_lines(source)

@@ -10,19 +10,12 @@ output folder lists them, and the stage reads it before the ranks' own error fil
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-from pathlib import Path
+
+from harness.guard import out_dir_of
+from harness.paths import atomic_write_json
 
 LAUNCH_FILE = "launcher.json"
-
-
-def _out_dir(argv: list[str]) -> Path:
-    for arg in argv:
-        if arg.startswith("--out_dir="):
-            return Path(arg.split("=", 1)[1])
-    return Path("out")
 
 
 def main(argv: list[str]) -> int:
@@ -35,12 +28,8 @@ def main(argv: list[str]) -> int:
         failures = {str(rank): {"exitcode": f.exitcode, "timestamp": f.timestamp}
                     for rank, f in e.failures.items()}
         first = min(e.failures.items(), key=lambda kv: kv[1].timestamp)[0]
-        out = _out_dir(argv)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".{LAUNCH_FILE}.tmp"
-        tmp.write_text(json.dumps({"failures": failures, "first": str(first)}, indent=2) + "\n",
-                       encoding="utf-8")
-        os.replace(tmp, out / LAUNCH_FILE)
+        atomic_write_json(out_dir_of(argv) / LAUNCH_FILE,
+                          {"failures": failures, "first": str(first)})
         return 1
     return 0
 

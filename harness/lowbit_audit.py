@@ -13,14 +13,14 @@ function level, which a compiled graph never reaches.
 from __future__ import annotations
 
 import time
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from harness.checks.preflight_lowbit import LayerVerdict, capturing, judge, summarise
+from harness.checks.preflight_lowbit import capture_modes, summarise
 
 # Rows of the batch the audit forwards: one sequence is enough to reach every matmul, and
 # keeps the extra memory of a forward with autograd small next to training's.
@@ -55,20 +55,9 @@ def audit(model: nn.Module, cls: type, idx: torch.Tensor, targets: torch.Tensor 
     restored afterwards. The record lists one problem per failing layer and mode."""
     t0 = time.monotonic()
     layers = bitlinears(model, cls)
-    was_training = model.training
     idx = idx[:AUDIT_ROWS]
     targets = None if targets is None else targets[:AUDIT_ROWS]
-    verdicts: list[LayerVerdict] = []
-    try:
-        for mode in ("train", "eval"):
-            model.train(mode == "train")
-            with capturing(layers) as cap, torch.set_grad_enabled(mode == "train"), \
-                    (autocast if autocast is not None else nullcontext()):
-                out = model(idx, targets)
-            del out
-            verdicts += [judge(name, mode, c) for name, c in cap.captured.items()]
-    finally:
-        model.train(was_training)
+    verdicts = capture_modes(model, layers, lambda: model(idx, targets), autocast)
     problems = [f"{v.layer} in {v.mode}(): {v.problem}" for v in verdicts if v.problem]
     if not layers:
         problems.append(f"the model has no {cls.__name__} layers")

@@ -50,7 +50,8 @@ def periodic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
                         np.tile(cycle, 200))
 
 
-def wait_for(what: Callable[[], Any], timeout: float, step: float = 0.1) -> Any:
+def wait_for(what: Callable[[], Any], timeout: float, step: float = 0.1,
+             message: str | None = None) -> Any:
     """Poll `what` until it returns something truthy; that value, or AssertionError."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -58,4 +59,4 @@ def wait_for(what: Callable[[], Any], timeout: float, step: float = 0.1) -> Any:
         if got:
             return got
         time.sleep(step)
-    raise AssertionError(f"timed out after {timeout}s")
+    raise AssertionError(message or f"timed out after {timeout}s")

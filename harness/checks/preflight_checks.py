@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from harness.checks.preflight import PRODUCT_ERROR_BOUND, TINY_BATCH, TINY_MODEL, TINY_TOKENS
-from harness.checks.preflight_lowbit import LayerVerdict, capturing, judge, summarise
+from harness.checks.preflight_lowbit import LayerVerdict, capture_modes, summarise
 from harness.checks.preflight_worker import describe, is_memory_error
 
 MODULE_NAME = "preflight_submission"
@@ -266,14 +266,7 @@ def _capture_gpt(ctx: Context) -> list[LayerVerdict]:
     model = ctx.gpt()
     layers = ctx.bitlinears(model)
     idx, tgt = ctx.batch()
-    verdicts = []
-    for mode in ("train", "eval"):
-        # As the template runs them: training with autograd, evaluation under no_grad.
-        model.train(mode == "train")
-        with capturing(layers) as cap, torch.set_grad_enabled(mode == "train"):
-            model(idx, tgt)
-        verdicts += [judge(name, mode, c) for name, c in cap.captured.items()]
-    return verdicts
+    return capture_modes(model, layers, lambda: model(idx, tgt))
 
 
 def _capture_full_size(ctx: Context) -> list[LayerVerdict]:
@@ -283,11 +276,7 @@ def _capture_full_size(ctx: Context) -> list[LayerVerdict]:
         layer = ctx.bitlinear(in_f, out_f, bias=False)
         name = f"BitLinear({in_f}, {out_f})"
         x = torch.randn(1, FULL_TOKENS, in_f)
-        for mode in ("train", "eval"):
-            layer.train(mode == "train")
-            with capturing({name: layer}) as cap, torch.set_grad_enabled(mode == "train"):
-                layer(x)
-            verdicts.append(judge(name, mode, cap.captured[name]))
+        verdicts += capture_modes(layer, {name: layer}, functools.partial(layer, x))
         del layer
     return verdicts
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -315,6 +315,24 @@ def capturing(layers: dict[str, nn.Module]) -> Iterator[MatmulCapture]:
             yield cap
     finally:
         cap.detach()
+
+
+def capture_modes(model: nn.Module, layers: dict[str, nn.Module], forward: Callable[[], Any],
+                  autocast: AbstractContextManager[Any] | None = None) -> list[LayerVerdict]:
+    """Each layer's verdict in train() and eval(), as the template runs them: training with
+    autograd, evaluation under no_grad. `forward()` runs the model once; its mode is restored."""
+    was_training = model.training
+    verdicts: list[LayerVerdict] = []
+    try:
+        for mode in ("train", "eval"):
+            model.train(mode == "train")
+            with capturing(layers) as cap, torch.set_grad_enabled(mode == "train"), \
+                    (autocast if autocast is not None else nullcontext()):
+                forward()
+            verdicts += [judge(name, mode, c) for name, c in cap.captured.items()]
+    finally:
+        model.train(was_training)
+    return verdicts
 
 
 # --- verdicts -----------------------------------------------------------------------------

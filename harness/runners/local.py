@@ -105,13 +105,18 @@ def _kill_tagged(token: str) -> None:
         time.sleep(0.05)
 
 
-def outside_kill(returncode: int | None) -> str | None:
+def outside_signal(returncode: int | None) -> str | None:
+    """The name of the outside signal a process died of, from its return code, or None."""
     if returncode is None or returncode >= 0:
         return None
     try:
-        name = OUTSIDE_SIGNALS.get(signal.Signals(-returncode))
+        return OUTSIDE_SIGNALS.get(signal.Signals(-returncode))
     except ValueError:
         return None
+
+
+def outside_kill(returncode: int | None) -> str | None:
+    name = outside_signal(returncode)
     return None if name is None else (
         f"the stage was killed by {name} from outside the harness (an operator or the "
         f"out-of-memory killer)")

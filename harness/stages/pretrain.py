@@ -9,16 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.launch import LAUNCH_FILE
 from harness.runners.base import Outcome, StageRun, StageSpec
+from harness.runners.local import outside_signal
 from harness.task import ScaleSpec
 
 STAGE = "pretrain"
 GUARD = "harness.guard"
 LAUNCHER = "harness.launch"
-LAUNCH_FILE = "launcher.json"
-# A rank that died of one of these was killed from outside (OOM killer, operator): the code
-# running in it cannot send them (the static rules refuse os and signal).
-OUTSIDE_SIGNALS = {9: "SIGKILL", 15: "SIGTERM", 2: "SIGINT", 1: "SIGHUP"}
 # Parameter checksums (float64 sums) of the ranks may differ by this much, relatively.
 CHECKSUM_RTOL = 1e-9
 
@@ -67,16 +65,20 @@ def read_curve(out_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def rank_records(out_dir: Path, kind: str) -> list[dict[str, Any]]:
+    """The readable <kind>_rank<R>.json records of the ranks, in rank order."""
+    found = [_read_json(p) for p in sorted(out_dir.glob(f"{kind}_rank*.json"))]
+    return [r for r in found if isinstance(r, dict)]
+
+
 def frozen_errors(out_dir: Path) -> list[dict[str, Any]]:
     """Refusals the frozen template recorded itself (bad scale config or data)."""
-    found = [_read_json(p) for p in sorted(out_dir.glob("error_rank*.json"))]
-    return [e for e in found if isinstance(e, dict)]
+    return rank_records(out_dir, "error")
 
 
 def violations(out_dir: Path) -> list[dict[str, Any]]:
     """Rule violations the guard recorded (harness/guard.py), one per rank that saw one."""
-    found = [_read_json(p) for p in sorted(out_dir.glob("violation_rank*.json"))]
-    return [v for v in found if isinstance(v, dict)]
+    return rank_records(out_dir, "violation")
 
 
 def rank_divergence(final: dict[str, Any]) -> str | None:
@@ -107,8 +109,10 @@ def killed_rank(out_dir: Path) -> str | None:
             return f"rank {rank} was killed by SIGKILL (the out-of-memory killer or an operator)"
     first = str(record.get("first"))
     code = codes.get(first)
-    if code is not None and code < 0 and -code in OUTSIDE_SIGNALS:
-        return f"rank {first} was killed by {OUTSIDE_SIGNALS[-code]} from outside the harness"
+    # The code running in a rank cannot send these (the static rules refuse os and signal).
+    name = outside_signal(code)
+    if name is not None:
+        return f"rank {first} was killed by {name} from outside the harness"
     return None
 
 
@@ -140,7 +144,7 @@ def collect(run: StageRun, out_dir: Path) -> PretrainOutcome:
         return PretrainOutcome(Outcome.FAILED_INFRA,
                                f"{ours[0]['kind']} error: {ours[0].get('message')}", {}, curve, {})
     if not run.timed_out and run.returncode not in (0, None) \
-            and not list(out_dir.glob("guard_rank*.json")):
+            and not rank_records(out_dir, "guard"):
         # No rank reached the point where the submission is imported: the launcher, torchrun
         # or the guard itself failed (harness not installed in the image, say).
         return PretrainOutcome(Outcome.FAILED_INFRA,

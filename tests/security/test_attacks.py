@@ -23,7 +23,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from attacks import (
+
+from harness.attempt import Prepared, Result, prepare, run_attempt
+from harness.checks.preflight import run_preflight
+from harness.errors import CheckFailed, UserError
+from harness.leaderboard import build_board
+from harness.paths import sha256_file
+from harness.runners.local import LocalRunner
+from harness.submission import Submission
+from harness.task import ScaleSpec, TaskSpec, load_task
+from tests.security.attacks import (
     STATIC,
     PreflightAttack,
     StaticAttack,
@@ -40,14 +49,6 @@ from attacks import (
     unhook_audit,
     write_region,
 )
-
-from harness.attempt import Prepared, Result, prepare, run_attempt
-from harness.checks.preflight import run_preflight
-from harness.errors import CheckFailed, UserError
-from harness.leaderboard import build_board
-from harness.runners.local import LocalRunner
-from harness.submission import Submission
-from harness.task import ScaleSpec, TaskSpec, load_task
 
 REPO = Path(__file__).resolve().parents[2]
 TASK_DIR = REPO / "tasks" / "llm-pretrain-bitlinear"
@@ -136,8 +137,8 @@ class Listener:
 
 
 def _digests(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*"))
+            if p.is_file()}
 
 
 # What the harness itself writes in an attempt folder, outside the stage folders.

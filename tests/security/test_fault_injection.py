@@ -42,7 +42,7 @@ from harness.regions import EditSession
 from harness.runners.docker import LABEL
 from harness.session import Session
 from harness.task import load_task
-from tests.conftest import PYTHON, REPO, TEMPLATE
+from tests.conftest import PYTHON, REPO, TEMPLATE, wait_for
 from tests.test_session import CRASH_EARLY, GOOD, IMPORT_OS
 
 pytestmark = pytest.mark.slow
@@ -171,13 +171,7 @@ def start_test(home: Path, data: Path, content: str | None = None,
 
 
 def until(what: Callable[[], object], timeout: float, message: str) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = what()
-        if got:
-            return got
-        time.sleep(POLL_S)
-    raise AssertionError(message)
+    return wait_for(what, timeout, step=POLL_S, message=message)
 
 
 Finder = Callable[[Run], "int | str | None"]
