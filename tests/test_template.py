@@ -29,11 +29,16 @@ def run_template(args: list[str], out: Path, nproc: int = 2,
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_train_and_stay_in_sync(periodic_data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_ddp_two_processes_train_and_stay_in_sync(periodic_data: Path, tmp_path: Path,
+                                                  compiled: bool) -> None:
+    # Compiled, the template turns off dynamo's per-bucket graph splitting for DDP (the GPU
+    # speed-up of docs/performance.md): the gradients must still be all-reduced.
     out = tmp_path / "out"
     proc = run_template([f"--data_dir={periodic_data}", "--max_iters=12", "--eval_interval=6",
                          "--learning_rate=1e-2", "--min_lr=1e-3", "--warmup_iters=2",
-                         "--gradient_accumulation_steps=4"], out)
+                         "--gradient_accumulation_steps=4", f"--compile={compiled}"], out,
+                        timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = json.loads((out / "final.json").read_text())
     assert final["world_size"] == 2

@@ -489,8 +489,13 @@ def main(argv):
     optimizer = model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), device_type)
     raw_model = model
     if compile:
+        # One graph, not one per DDP bucket: dynamo's split cost the ternary default 5% of its
+        # step on 2 x H200, more than overlapping the all-reduce with the backward pass saved
+        # (docs/performance.md).
+        torch._dynamo.config.optimize_ddp = False
         model = torch.compile(model)
-    if ddp:
+    if ddp and world > 1:
+        # One process needs no gradient all-reduce: DDP would only copy gradients into buckets.
         model = DDP(model, device_ids=[int(dev.split(":")[1])] if device_type == "cuda" else None)
     if master:
         print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters; {world} process(es); "
@@ -524,7 +529,7 @@ def main(argv):
         for group in optimizer.param_groups:
             group["lr"] = lr
         for micro in range(accum):
-            if ddp:
+            if ddp and world > 1:
                 # Only the last micro-step all-reduces gradients.
                 model.require_backward_grad_sync = micro == accum - 1
             with ctx:
