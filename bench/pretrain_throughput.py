@@ -191,7 +191,7 @@ def main() -> None:
             for spec in args.variants.split(","):
                 name, script = variant_script(spec, work, args.template)
                 label = f"{name}{suffix} x{gpus}"
-                out = work / f"out-{name}{suffix or ''}-{gpus}".replace("+", "_")
+                out = work / f"out-{name}{suffix.replace('+', '_')}-{gpus}"
                 r = run_variant(script, args, data, out, gpus, env)
                 r.update(variant=name, gpus=gpus, env=env, label=label,
                          mfu=r["tflops_per_gpu"] / peak)

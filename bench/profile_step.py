@@ -15,7 +15,6 @@ only explains that time. Needs a CUDA GPU.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import tempfile
@@ -25,9 +24,12 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from pretrain_throughput import variant_script  # noqa: E402
+
+from harness.spliced import load_spliced  # noqa: E402
 
 # Kernel-name fragments of each family, first match wins.
 FAMILIES = (
@@ -48,14 +50,35 @@ def family(name: str) -> str:
     return "other"
 
 
+def kernel_breakdown(prof: Any, iters: int) -> dict[str, Any]:
+    """GPU time per iteration of a finished profile: in total, by family, largest kernels."""
+    by_family: dict[str, float] = defaultdict(float)
+    kernels = []
+    for ev in prof.key_averages():
+        ms = ev.self_device_time_total / iters / 1e3
+        if ms > 0:
+            by_family[family(ev.key)] += ms
+            kernels.append((ms, ev.count // iters, ev.key))
+    kernels.sort(reverse=True)
+    return {"gpu_ms_per_iter": sum(by_family.values()),
+            "by_family_ms": dict(sorted(by_family.items(), key=lambda kv: -kv[1])),
+            "top_kernels": [{"ms": ms, "calls": n, "name": name[:160]}
+                            for ms, n, name in kernels[:25]]}
+
+
+def print_breakdown(headline: str, r: dict[str, Any], top: int = 12) -> None:
+    print(headline, flush=True)
+    for fam, ms in r["by_family_ms"].items():
+        print(f"   {fam:<40} {ms:8.2f} ms")
+    for k in r["top_kernels"][:top]:
+        print(f"   {k['ms']:7.2f} ms x{k['calls']:<4} {k['name'][:100]}")
+
+
 def profile_variant(script: Path, batch_size: int, iters: int, pre_eval: bool) -> dict[str, Any]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    spec = importlib.util.spec_from_file_location(f"variant_{script.stem}", script)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_spliced(script)
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = True
     cfg = mod.GPTConfig(n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=50304)
@@ -101,20 +124,8 @@ def profile_variant(script: Path, batch_size: int, iters: int, pre_eval: bool) -
         for _ in range(iters):
             step()
         torch.cuda.synchronize()
-    by_family: dict[str, float] = defaultdict(float)
-    kernels = []
-    for ev in prof.key_averages():
-        us = ev.self_device_time_total
-        if us <= 0:
-            continue
-        by_family[family(ev.key)] += us / iters / 1e3
-        kernels.append((us / iters / 1e3, ev.count // iters, ev.key))
-    kernels.sort(reverse=True)
-    return {"gpu_ms_per_iter": sum(by_family.values()), "wall_ms_per_iter": wall[False],
-            "wall_ms_per_iter_fresh_batches": wall[True],
-            "by_family_ms": dict(sorted(by_family.items(), key=lambda kv: -kv[1])),
-            "top_kernels": [{"ms": ms, "calls": n, "name": name[:160]}
-                            for ms, n, name in kernels[:25]]}
+    return {**kernel_breakdown(prof, iters), "wall_ms_per_iter": wall[False],
+            "wall_ms_per_iter_fresh_batches": wall[True]}
 
 
 def main() -> None:
@@ -132,13 +143,10 @@ def main() -> None:
             name, script = variant_script(spec, Path(tmp))
             r = results[name] = profile_variant(script, args.batch_size, args.iters,
                                                         args.pre_eval)
-            print(f"== {name}: {r['gpu_ms_per_iter']:.1f} ms of GPU time per iteration; wall "
-                  f"{r['wall_ms_per_iter']:.1f} ms, {r['wall_ms_per_iter_fresh_batches']:.1f} ms "
-                  "with a fresh pinned batch each step", flush=True)
-            for fam, ms in r["by_family_ms"].items():
-                print(f"   {fam:<40} {ms:8.2f} ms")
-            for k in r["top_kernels"][:12]:
-                print(f"   {k['ms']:7.2f} ms x{k['calls']:<4} {k['name'][:100]}")
+            print_breakdown(f"== {name}: {r['gpu_ms_per_iter']:.1f} ms of GPU time per iteration;"
+                            f" wall {r['wall_ms_per_iter']:.1f} ms, "
+                            f"{r['wall_ms_per_iter_fresh_batches']:.1f} ms with a fresh pinned "
+                            "batch each step", r)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
 

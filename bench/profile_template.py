@@ -13,21 +13,22 @@ time the GPU waited), by kernel family.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from pretrain_throughput import GPT_345M, synthetic_data, variant_script  # noqa: E402
-from profile_step import family  # noqa: E402
+from profile_step import kernel_breakdown, print_breakdown  # noqa: E402
+
+from harness.spliced import load_spliced  # noqa: E402
 
 
 def profile_run(script: Path, data: Path, out: Path, start: int, iters: int,
@@ -35,10 +36,7 @@ def profile_run(script: Path, data: Path, out: Path, start: int, iters: int,
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    spec = importlib.util.spec_from_file_location(f"template_{script.stem}", script)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_spliced(script)
     prof = profile(activities=[ProfilerActivity.CUDA])
     marks: dict[str, float] = {}
     original = mod.get_lr
@@ -59,19 +57,8 @@ def profile_run(script: Path, data: Path, out: Path, start: int, iters: int,
              f"--max_iters={start + iters + 2}", f"--eval_interval={start + iters + 2}",
              "--eval_iters=1", "--log_interval=10", "--warmup_iters=2",
              "--save_checkpoint=false", f"--data_dir={data}", f"--out_dir={out}"])
-    by_family: dict[str, float] = defaultdict(float)
-    kernels = []
-    for ev in prof.key_averages():
-        us = ev.self_device_time_total
-        if us > 0:
-            by_family[family(ev.key)] += us / iters / 1e3
-            kernels.append((us / iters / 1e3, ev.count // iters, ev.key))
-    kernels.sort(reverse=True)
     return {"wall_ms_per_iter": (marks["t1"] - marks["t0"]) / iters * 1e3,
-            "gpu_ms_per_iter": sum(by_family.values()),
-            "by_family_ms": dict(sorted(by_family.items(), key=lambda kv: -kv[1])),
-            "top_kernels": [{"ms": ms, "calls": n, "name": name[:160]}
-                            for ms, n, name in kernels[:25]]}
+            **kernel_breakdown(prof, iters)}
 
 
 def main() -> None:
@@ -99,12 +86,8 @@ def main() -> None:
                             f"--iters={args.iters}", "--one", str(script), str(data),
                             str(work / f"{name}.json")], check=True)
             r = results[name] = json.loads((work / f"{name}.json").read_text())
-            print(f"== {name}: wall {r['wall_ms_per_iter']:.1f} ms per iteration, kernels "
-                  f"{r['gpu_ms_per_iter']:.1f} ms", flush=True)
-            for fam, ms in r["by_family_ms"].items():
-                print(f"   {fam:<40} {ms:8.2f} ms")
-            for k in r["top_kernels"][:10]:
-                print(f"   {k['ms']:7.2f} ms x{k['calls']:<4} {k['name'][:100]}")
+            print_breakdown(f"== {name}: wall {r['wall_ms_per_iter']:.1f} ms per iteration, "
+                            f"kernels {r['gpu_ms_per_iter']:.1f} ms", r, top=10)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
 
