@@ -9,7 +9,7 @@ ratio of each variant's tokens/s to the reference's.
 
     python bench/pretrain_throughput.py --gpus 1 --out bench-results.json
     python bench/pretrain_throughput.py --gpus 1,2 --accum-per-gpu 4 --variants ternary_158bit
-    python bench/pretrain_throughput.py --with-env TORCHINDUCTOR_MULTI_KERNEL=1
+    python bench/pretrain_throughput.py --with-env TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1
     python bench/pretrain_throughput.py --variants reference,s=bench/variants/ternary_dequant_ste.py
 
 A variant is `reference`, a baseline's name, or `LABEL=FILE` for a bitlinear region kept in a

@@ -58,6 +58,24 @@ def test_ddp_two_processes_train_and_stay_in_sync(periodic_data: Path, tmp_path:
     assert "lm_head.weight" in ckpt["model"]
 
 
+def test_multi_kernel_is_only_on_with_its_pick_cache_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch 2.11 crashes reading the multi-kernel pick cache when a compiled graph comes from
+    # inductor's on-disk cache (a second run or rank on one GPU machine; docs/performance.md).
+    # The options are global: monkeypatch puts them back after the call.
+    import torch
+    from torch._inductor import config as inductor_config
+
+    from harness.spliced import load_spliced
+
+    monkeypatch.setattr(inductor_config.triton, "multi_kernel", 0)
+    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)
+    monkeypatch.delenv("TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE", raising=False)
+    load_spliced(TEMPLATE).compiler_settings()
+    assert inductor_config.triton.multi_kernel == 1
+    assert os.environ["TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE"] == "1"
+    assert torch._dynamo.config.optimize_ddp is False
+
+
 def test_unknown_setting_is_refused_in_one_line(periodic_data: Path, tmp_path: Path) -> None:
     proc = run_template([f"--data_dir={periodic_data}", "--max_iter=3"], tmp_path, nproc=1)
     assert proc.returncode == 2
