@@ -134,7 +134,10 @@ def run_probe(*, gpu: bool, pins: dict[str, str]) -> dict[str, Any]:
     probe = Probe()
     probe.check("python", _python)
     probe.facts["python"] = platform.python_version()
-    if probe.check("harness", _imports(["harness", "harness.stages.pretrain"])):
+    # The pretrain stage runs the spliced script through harness.launch and harness.guard inside
+    # the image: an image built from an older harness lacks them and fails every attempt late.
+    if probe.check("harness", _imports(["harness", "harness.stages.pretrain", "harness.guard",
+                                        "harness.launch"])):
         probe.facts["harness"] = _version(DIST)
     if probe.check("torch", lambda: _torch(probe, gpu)) and gpu:
         probe.check("cuda", _cuda)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,14 @@ def test_the_probe_names_a_wrong_pin_and_exits_2(capsys: pytest.CaptureFixture[s
     # What this environment has passes: the probe is not just failing everything.
     for check in ("python", "harness", "torch", "numpy", "lm-eval", "tokenizer"):
         assert by_id[check]["ok"], by_id[check]
+
+
+def test_the_probe_fails_an_image_whose_harness_has_no_guard(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # None in sys.modules makes the import fail, as in an image built from a harness before the
+    # guard existed: every attempt would be refused at launch, so the probe must say so first.
+    monkeypatch.setitem(sys.modules, "harness.guard", None)
+    report = image_probe.run_probe(gpu=False, pins={})
+    by_id = {c["id"]: c for c in report["checks"]}
+    assert "harness" in report["missing"] and not report["ok"]
+    assert "harness.guard" in by_id["harness"]["detail"]
