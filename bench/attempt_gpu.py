@@ -2,7 +2,7 @@
 
 Copies the task to a temporary folder, adds a scale derived from --scale with only the
 iteration count (and evaluation cadence) shortened and the pretrain stage alone, writes
-synthetic token shards (no corpus on the GPU machines), then runs `run_attempt` with the
+synthetic token shards (no corpus on the GPU machines), then runs `run_submission` with the
 local runner — torchrun with the scale's processes, the spliced template, result.json —
 and prints tokens/s from the template's own train_log.jsonl.
 
@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from pretrain_throughput import synthetic_data  # noqa: E402
 
-from harness.attempt import prepare, run_attempt  # noqa: E402
+from harness.attempt import prepare, run_submission  # noqa: E402
 from harness.runners.local import LocalRunner  # noqa: E402
 from harness.task import load_task  # noqa: E402
 
@@ -56,11 +56,12 @@ def short_scale(task_dir: Path, base: str, iters: int, log_interval: int) -> str
 def eval_checks(paths: Any, data_dir: Path, task: Any, result: Any) -> dict[str, Any]:
     """What the eval stage checks before scoring, timed, on this attempt's checkpoint."""
     from harness.attempt import cross_check
-    from harness.lmeval_run import EvalRequest, audit_checkpoint, load, score_val_loss
+    from harness.runtime.lmeval_run import EvalRequest, audit_checkpoint, load, score_val_loss
 
     t0 = time.monotonic()
-    loaded = load(EvalRequest(script=paths.spliced, checkpoint=paths.stage_dir("pretrain")
-                              / "ckpt.pt", evals=data_dir, out=paths.root / "unused.json",
+    loaded = load(EvalRequest(script=paths.file(task.template),
+                              checkpoint=paths.file(task.checkpoint),
+                              evals=data_dir, out=paths.root / "unused.json",
                               device="cuda", data_dir=data_dir))
     t_load = time.monotonic()
     audit = audit_checkpoint(loaded)
@@ -97,12 +98,12 @@ def main(argv: list[str]) -> int:
         synthetic_data(data / "synthetic", 50_000_000)
         prepared = prepare(args.submission, task)
         t0 = time.monotonic()
-        result, paths = run_attempt(prepared, task, scale, runs_dir=work / "runs", data=data,
-                                    runner=LocalRunner())
+        result, paths = run_submission(prepared, task, scale, runs_dir=work / "runs", data=data,
+                                       runner=LocalRunner())
         wall = time.monotonic() - t0
         log = [json.loads(line) for line in
                (paths.stage_dir("pretrain") / "train_log.jsonl").read_text().splitlines()]
-        record = json.loads(paths.result.read_text())
+        record = paths.read().to_json()
         audits = [json.loads(line) for f in sorted(paths.stage_dir("pretrain").glob(
             "audit_rank*.jsonl")) for line in f.read_text().splitlines()]
         checks = eval_checks(paths, data / "synthetic", task, result) if args.eval_checks \

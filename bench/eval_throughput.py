@@ -40,7 +40,7 @@ def write_checkpoint(work: Path, scale_name: str) -> tuple[Path, Path]:
     """The template (default regions) and a random-weight checkpoint of the scale's shape."""
     import torch
 
-    from harness.lmeval_model import load_spliced
+    from harness.runtime.spliced import load_spliced
 
     task = load_task()
     script = work / "custom_pretrain.py"
@@ -92,7 +92,7 @@ def main(argv: list[str]) -> int:
     from lm_eval.tasks import TaskManager
 
     from harness.data.smoke import prepare_smoke
-    from harness.lmeval_run import EvalRequest, make_lm
+    from harness.runtime.lmeval_run import EvalRequest, make_lm
     from harness.stages import lmeval as stage
 
     boot = stage.FULL_BOOTSTRAP_ITERS if args.bootstrap_iters is None else args.bootstrap_iters

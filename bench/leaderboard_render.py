@@ -4,7 +4,7 @@ under 5 s on a 2-core CPU machine).
 The synthetic set has the shape of real use, written with the harness's own code:
   * agent sessions in a ledger (harness.ledger.Ledger: new_attempt, charge, finish, submit),
     three tests each, 90 % of the attempts; each test has its folder with result.json
-    (harness.attempt.Result, stages and environment as a real attempt records them),
+    (harness.record.AttemptRecord, stages and environment as a real attempt records them),
     submission.diff and checks.json; most sessions submit one succeeded test, some none;
   * plain attempts in a runs dir (baselines and vanilla runs, `harness run`), the rest;
   * three scales (smoke, gpt-124m, gpt-345m), MODELS models in two modes, three baselines,
@@ -32,18 +32,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from harness.attempt import Result, prepare  # noqa: E402
-from harness.checks.preflight import CheckResult, PreflightReport  # noqa: E402
+from harness.attempt import prepare  # noqa: E402
 from harness.envinfo import environment  # noqa: E402
 from harness.ledger import Ledger, SessionRow, Settlement, current_owner  # noqa: E402
-from harness.paths import sha256_file  # noqa: E402
+from harness.record import AttemptRecord, Origin, StageRecord, Status  # noqa: E402
+from harness.runtime.fileio import sha256_file  # noqa: E402
+from harness.runtime.preflight import CheckResult, PreflightReport  # noqa: E402
 from harness.task import load_task  # noqa: E402
 
 SCALES = {"smoke": (30, 10), "gpt-124m": (4768, 500), "gpt-345m": (13535, 1000)}
@@ -85,10 +85,12 @@ class Writer:
                  "lr": 6e-4, "tokens": s * 524288, "elapsed_s": s * 0.2} for s in steps]
 
     def attempt(self, runs: Path, *, name: str, meta: dict[str, str], scale: str,
-                status: str, quality: float) -> Path:
+                status: str, quality: float, origin: Origin, attempt_id: str | None = None
+                ) -> Path:
         self.count += 1
         code = self.code[self.rng.choice(BASELINES)]
-        attempt_id = f"20261123-{self.count:06d}-{name[:30]}-{code.submission.sha256[:8]}"
+        attempt_id = attempt_id or \
+            f"20261123-{self.count:06d}-{name[:30]}-{code.submission.sha256[:8]}"
         root = runs / attempt_id
         root.mkdir(parents=True)
         (root / "submission.diff").write_text(code.diff)
@@ -96,8 +98,8 @@ class Writer:
         metrics = self.metrics(quality) if status == "succeeded" else {}
         scale_config = self.task.scale(scale).config
         stages: dict[str, Any] = {"pretrain": {
-            "returncode": 0 if status == "succeeded" else 1, "wall_s": 3600 * quality,
-            "timed_out": False, "curve": self.curve(scale, quality),
+            "outcome": status, "returncode": 0 if status == "succeeded" else 1,
+            "wall_s": 3600 * quality, "timed_out": False, "curve": self.curve(scale, quality),
             "final": {"device": "cuda", "world_size": 2, "peak_memory_gb": 61.2,
                       "val_loss": metrics.get("val_loss"), "iters": SCALES[scale][0],
                       "config": {**scale_config, "data_dir": f"/data/{scale}",
@@ -125,20 +127,22 @@ class Writer:
                 "evals": {"dir": "/data/evals", "kind": "full", "manifest_sha256": "e" * 64},
                 "samples_sha256": "f" * 64, "argv": ["python", "eval_lm.py"],
                 "stderr_tail": ""}
-        result = Result(
-            attempt_id=attempt_id, task={"name": self.task.name, "version": self.task.version},
+        result = AttemptRecord(
+            attempt_id=attempt_id, origin=origin,
+            task={"name": self.task.name, "version": self.task.version},
             scale=scale, submission={"name": name, "kind": "directory",
                                      "sha256": code.submission.sha256, "source": name,
                                      "meta": meta},
             template_sha256=self.template_sha, spliced_sha256=self.template_sha,
-            status=status, runner="local",
+            status=Status(status), runner="local",
             reason="ok" if status == "succeeded" else "training raised: RuntimeError",
-            metrics=metrics, stages=stages, environment=self.env,
+            metrics=metrics, environment=self.env,
+            stages={k: StageRecord.from_json(v, k) for k, v in stages.items()},
             started_at="2026-11-23T00:00:00Z", finished_at=f"2026-11-23T{self.count % 24:02d}"
             f":{self.count % 60:02d}:00Z", preflight=self.preflight,
             artifacts={"custom_pretrain.py": self.template_sha, "submission.diff": "0" * 64})
         path = root / "result.json"
-        path.write_text(json.dumps(asdict(result), indent=2, sort_keys=True))
+        path.write_text(json.dumps(result.to_json(), indent=2, sort_keys=True))
         return path
 
 
@@ -166,15 +170,18 @@ def build(root: Path, attempts: int, models: int, seed: int) -> dict[str, int]:
                 created_at="2026-11-23T00:00:00Z", budget=TESTS_PER_SESSION))
             ok = []
             for n in range(1, TESTS_PER_SESSION + 1):
-                row = ledger.new_attempt(sid, current_owner(), lambda k, s=sid: f"{s}-p{k}")
+                row = ledger.new_attempt(sid, current_owner(),
+                                         lambda k, s=s: f"20261123-ses-{s:06x}-t{k}")
                 status = draw_status(rng)
                 path = w.attempt(ledger.runs_dir, name=f"ses-{s:06x}-t{n}",
                                  meta={"agent": "react", "mode": mode, "model": model},
-                                 scale=scale, status=status, quality=quality[model])
-                ledger.charge(row.id, new_id=path.parent.name, attempt_dir=str(path.parent))
+                                 scale=scale, status=status, quality=quality[model],
+                                 origin=Origin("session", session_id=sid, number=n),
+                                 attempt_id=row.id)
+                ledger.charge(row.id)
                 data = json.loads(path.read_text())
-                ledger.finish(path.parent.name, Settlement(
-                    status=status, reason=data["reason"], metrics=data["metrics"],
+                ledger.finish(row.id, Settlement(
+                    status=Status(status), reason=data["reason"], metrics=data["metrics"],
                     attempt_dir=str(path.parent), result_sha256=sha256_file(path)))
                 if status == "succeeded":
                     ok.append(n)
@@ -192,7 +199,7 @@ def build(root: Path, attempts: int, models: int, seed: int) -> dict[str, int]:
             name, q = f"{model}-oneshot", quality[model]
             meta = {"name": name, "agent": "oneshot", "mode": "vanilla", "model": model}
         w.attempt(root / "runs", name=name, meta=meta, scale=scale, status=draw_status(rng),
-                  quality=q)
+                  quality=q, origin=Origin("baseline" if i % 5 == 0 else "run"))
     return {"sessions": sessions, "ledger_attempts": sessions * TESTS_PER_SESSION,
             "plain_attempts": plain}
 
@@ -204,8 +211,8 @@ def timed_run(root: Path) -> dict[str, float]:
     import matplotlib  # noqa: F401
     import pandas  # noqa: F401
 
-    from harness import leaderboard_page
     from harness.leaderboard import aggregate, collect, write_board
+    from harness.leaderboard.page import write_page
 
     t1 = time.perf_counter()
     collected = collect([root / "runs"], home=root / "home")
@@ -213,7 +220,7 @@ def timed_run(root: Path) -> dict[str, float]:
     board = aggregate(collected)
     t3 = time.perf_counter()
     write_board(board, root / "out" / "board.json")
-    page = leaderboard_page.write_page(board, root / "out" / "index.html")
+    page = write_page(board, root / "out" / "index.html")
     t4 = time.perf_counter()
     rows = sum(len(t.rows) for t in board.tables)
     return {"imports_s": t1 - t0, "collect_s": t2 - t1, "aggregate_s": t3 - t2,

@@ -221,7 +221,7 @@ def build_corpus(out: Path, train_tokens: int, val_tokens: int, workers: int,
     import numpy as np
 
     from harness.data.shards import ShardWriter
-    from harness.data.tokenizer import encode_documents
+    from harness.runtime.tokenizer import encode_documents
 
     roots = roots or default_roots()
     jobs = [(k, str(p)) for k, p in candidate_files(roots)]
@@ -290,7 +290,7 @@ def build_corpus(out: Path, train_tokens: int, val_tokens: int, workers: int,
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from harness.attempt import prepare
-    from harness.paths import sha256_file
+    from harness.runtime.fileio import sha256_file
     from harness.task import load_task
 
     out: Path = args.dir

@@ -23,8 +23,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from harness.checks.preflight import CHECK_IDS, run_preflight  # noqa: E402
+from harness.checks.preflight import run_preflight  # noqa: E402
 from harness.regions import splice  # noqa: E402
+from harness.runners.local import LocalRunner  # noqa: E402
+from harness.runtime.preflight import CHECK_IDS  # noqa: E402
 from harness.submission import load_submission  # noqa: E402
 from harness.task import load_task  # noqa: E402
 
@@ -35,7 +37,7 @@ def time_one(name: str) -> dict[str, Any]:
     spliced = splice(task.template_text(), sub.regions)
     with tempfile.TemporaryDirectory(prefix="preflight-bench-") as tmp:
         t0 = time.monotonic()
-        report = run_preflight(task, spliced, work_dir=Path(tmp))
+        report = run_preflight(task, spliced, runner=LocalRunner(), work_dir=Path(tmp))
         wall = time.monotonic() - t0
     return {"baseline": name, "ok": report.ok, "wall_s": round(wall, 2),
             "checks_s": report.duration_s,

@@ -35,8 +35,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from harness.paths import sha256_file  # noqa: E402
 from harness.regions import splice  # noqa: E402
+from harness.runtime.fileio import sha256_file  # noqa: E402
 from harness.submission import load_submission  # noqa: E402
 from harness.task import load_task  # noqa: E402
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from pretrain_throughput import variant_script  # noqa: E402
 
-from harness.spliced import load_spliced  # noqa: E402
+from harness.runtime.spliced import load_spliced  # noqa: E402
 
 # Kernel-name fragments of each family, first match wins.
 FAMILIES = (

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from pretrain_throughput import GPT_345M, synthetic_data, variant_script  # noqa: E402
 from profile_step import kernel_breakdown, print_breakdown  # noqa: E402
 
-from harness.spliced import load_spliced  # noqa: E402
+from harness.runtime.spliced import load_spliced  # noqa: E402
 
 
 def profile_run(script: Path, data: Path, out: Path, start: int, iters: int,

@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 from harness.data.fineweb import prepare_fineweb  # noqa: E402
 from harness.data.shards import ShardWriter  # noqa: E402
 from harness.data.smoke import stdlib_documents  # noqa: E402
-from harness.data.tokenizer import encode_documents, gpt2_encoding  # noqa: E402
+from harness.runtime.tokenizer import encode_documents, gpt2_encoding  # noqa: E402
 
 TEN_BILLION = 10_000_000_000
 ROW_GROUP = 1000

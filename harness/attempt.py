@@ -1,43 +1,55 @@
-"""One attempt end to end: splice, static checks, pretrain stage, result.json.
+"""One attempt end to end: splice and static checks, the pre-flight, then the task's stages
+through a runner, each recorded in the attempt's result.json (harness.record).
 
-Scores travel only in files the frozen template writes; nothing is read from stdout.
+The caller allocates the attempt (record.Attempt.create: its id and folder, once) and says
+where it came from (record.Origin); `run_attempt` writes the record before the first stage
+starts and closes it after the last. Scores travel only in files the frozen code writes;
+nothing is read from stdout.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from harness import __version__
-from harness.checks.preflight import PreflightReport
 from harness.checks.static import RegionText, check_spliced
 from harness.errors import CheckFailed, InfraError, UserError
-from harness.paths import (
-    AttemptPaths,
-    atomic_write_json,
-    atomic_write_text,
+from harness.record import (
+    Attempt,
+    AttemptRecord,
+    Origin,
+    StageRecord,
+    Status,
     new_attempt_id,
-    sha256_bytes,
-    sha256_file,
+    now_iso,
 )
-from harness.regions import parse_layout, splice, unified_diff
-from harness.runners.base import Mount, Outcome, Runner, StageSpec
-from harness.stages import lmeval, pretrain
+from harness.regions import splice, unified_diff
+from harness.runners.base import Mount, Runner, StageRun, StageSpec
+from harness.runtime.fileio import atomic_write_json, atomic_write_text, sha256_bytes, sha256_file
+from harness.runtime.layout import parse_layout
+from harness.runtime.preflight import PreflightReport
+from harness.stages.base import Stage, StageContext, StageOutcome
+from harness.stages.lmeval import LmEvalStage, evals_dir
+from harness.stages.pretrain import PretrainStage
 from harness.submission import Submission, load_submission
 from harness.task import ScaleSpec, TaskSpec
 
-SCHEMA_VERSION = 1
 # How far training's val_loss may lie from the eval stage's recomputation: bf16 autocast,
 # a compiled model against an eager one and other batch sizes move it by ~1e-3.
 CROSS_CHECK_ATOL = 0.01
 CROSS_CHECK_RTOL = 0.005
+DATA_ENV = "HARNESS_DATA"
+# The catalogue of stages a task may list (task.toml `stages`), by name.
+STAGES: dict[str, Stage] = {s.name: s for s in (PretrainStage(), LmEvalStage())}
+
+Hook = Callable[[str, dict[str, Any]], None]
+PLAIN_RUN = Origin("run")
 
 
 @dataclass(frozen=True)
@@ -65,15 +77,18 @@ def prepare(submission_path: Path, task: TaskSpec) -> Prepared:
     return Prepared(sub, spliced, unified_diff(template, spliced))
 
 
-def preflight_or_refuse(prepared: Prepared, task: TaskSpec) -> PreflightReport:
-    """Pre-flight on CPU (seconds, free): its report, or a refusal: UserError (exit 2) when
-    the submission failed a check, InfraError when only our side did."""
+def preflight_or_refuse(prepared: Prepared, task: TaskSpec, runner: Runner, *,
+                        work_root: Path) -> PreflightReport:
+    """Pre-flight through the runner (a CPU stage, free): its report, or a refusal: UserError
+    (exit 2) when the submission failed a check, InfraError when only our side did.
+    work_root: where its scratch folder goes (a runner must be able to mount it)."""
     import tempfile
 
     from harness.checks.preflight import run_preflight
 
-    with tempfile.TemporaryDirectory(prefix="harness-preflight-") as tmp:
-        report = run_preflight(task, prepared.spliced, work_dir=Path(tmp))
+    work_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".preflight-", dir=work_root) as tmp:
+        report = run_preflight(task, prepared.spliced, runner=runner, work_dir=Path(tmp))
     if report.ok:
         return report
     failed = ", ".join(c.id for c in report.failed) or ", ".join(report.skipped)
@@ -84,8 +99,11 @@ def preflight_or_refuse(prepared: Prepared, task: TaskSpec) -> PreflightReport:
                     details=report.render())
 
 
-def data_root(explicit: Path | None = None) -> Path:
-    return explicit or Path(os.environ.get("HARNESS_DATA", "data"))
+def data_root(explicit: Path | None = None, *, home: Path | None = None) -> Path:
+    """--data-dir, else $HARNESS_DATA, else <home>/data for a session's home (independent of
+    the working directory), else ./data."""
+    env = os.environ.get(DATA_ENV)
+    return explicit or (Path(env) if env else home / "data" if home else Path("data"))
 
 
 def dataset_dir(scale: ScaleSpec, root: Path) -> Path:
@@ -102,126 +120,166 @@ def dataset_dir(scale: ScaleSpec, root: Path) -> Path:
     return path.resolve()
 
 
-@dataclass
-class Result:
-    """result.json: one record per attempt, versioned."""
-
-    attempt_id: str
-    task: dict[str, str]
-    scale: str
-    submission: dict[str, Any]
-    template_sha256: str
-    spliced_sha256: str
-    status: str
-    runner: str
-    schema_version: int = SCHEMA_VERSION
-    harness_version: str = __version__
-    reason: str = ""
-    metrics: dict[str, float] = field(default_factory=dict)
-    dataset: dict[str, str] = field(default_factory=dict)
-    stages: dict[str, Any] = field(default_factory=dict)
-    environment: dict[str, Any] = field(default_factory=dict)
-    started_at: str = ""
-    finished_at: str | None = None
-    artifacts: dict[str, str] = field(default_factory=dict)
-    # The pre-flight that cleared the attempt, one line per check (checks.json has the
-    # full report). Empty when the caller ran no pre-flight.
-    preflight: dict[str, Any] = field(default_factory=dict)
+def stages_of(task: TaskSpec, scale: ScaleSpec) -> list[Stage]:
+    """The task's stages that the scale runs, in the task's order."""
+    unknown = [s for s in task.stages if s not in STAGES]
+    if unknown:
+        raise UserError(f"unknown stage(s) {', '.join(unknown)}", where=str(task.root),
+                        fix=f"stages this harness runs: {', '.join(STAGES)}")
+    return [STAGES[s] for s in task.stages if s in scale.stages]
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+def new_attempt(runs_dir: Path, prepared: Prepared) -> Attempt:
+    """A fresh attempt folder for a prepared submission (`harness run`, `harness baselines`)."""
+    sub = prepared.submission
+    return Attempt.create(runs_dir, new_attempt_id(sub.name, sub.sha256))
 
 
-def _sha(text: str) -> str:
-    return sha256_bytes(text.encode("utf-8"))
-
-
-CANCEL_FILE = "cancel_requested"
-
-
-def runtime(spec: StageSpec, paths: AttemptPaths, scale: ScaleSpec, *,
-            reads: tuple[Path, ...], gpus: int | None = None) -> StageSpec:
+def runtime(spec: StageSpec, attempt: Attempt, scale: ScaleSpec, *,
+            reads: Sequence[Path], gpus: int | None = None) -> StageSpec:
     """What every runner needs beyond the command: the stage's output folder as the one
     writable mount, the attempt and its inputs read-only (same paths inside a container),
     its GPUs, a job name carrying the attempt id, and the cancel marker."""
     mounts = (Mount(spec.log_dir, str(spec.log_dir), writable=True),
-              Mount(paths.root, str(paths.root)),
-              *(Mount(p, str(p)) for p in reads))
-    if gpus is None:
-        gpus = scale.nproc_per_node if scale.device == "cuda" else 0
-    return replace(spec, mounts=mounts, gpus=gpus, cancel_file=paths.root / CANCEL_FILE,
-                   job_name=f"harness-{paths.root.name}-{spec.name}")
+              Mount(attempt.root, str(attempt.root)),
+              *(Mount(p, str(p)) for p in dict.fromkeys(reads)))
+    if scale.device != "cuda":
+        gpus = 0
+    elif gpus is None:
+        gpus = scale.nproc_per_node
+    return replace(spec, mounts=mounts, gpus=gpus, cancel_file=attempt.cancel_file,
+                   job_name=f"harness-{attempt.id}-{spec.name}")
 
 
-def run_attempt(prepared: Prepared, task: TaskSpec, scale: ScaleSpec, *, runs_dir: Path,
-                data: Path, runner: Runner,
-                on_event: Callable[[str, dict[str, Any]], None] | None = None,
-                preflight: bool = False,
-                ) -> tuple[Result, AttemptPaths]:
-    """on_event(kind, info): "stage_start" just before a stage launches (raising there stops
-    it from launching: the ledger charges the budget at this point) and "stage_end" after.
-    preflight: run the pre-flight checks first; a failure raises before the attempt exists."""
-    from harness.envinfo import environment
-
+def _write_inputs(attempt: Attempt, prepared: Prepared, task: TaskSpec,
+                  checks: PreflightReport | None) -> None:
     sub = prepared.submission
-    # Resolved before the attempt exists: missing data is the user's to fix, not a crash.
-    data_dir = dataset_dir(scale, data)
-    # Likewise the eval sets of a scale that scores with lm-eval (smoke: built on first use).
-    eval_sets = lmeval.evals_dir(scale, data) if lmeval.STAGE in scale.stages else None
-    checks = preflight_or_refuse(prepared, task) if preflight else None
-    paths = AttemptPaths.create(runs_dir, new_attempt_id(sub.name, sub.sha256))
     if checks is not None:
-        atomic_write_json(paths.checks, checks.to_dict())
-    atomic_write_text(paths.spliced, prepared.spliced)
-    atomic_write_text(paths.diff, prepared.diff)
-    atomic_write_json(paths.regions, {"kind": sub.kind, "source": str(sub.source),
-                                      "meta": sub.meta, "regions": sub.regions})
+        atomic_write_json(attempt.checks, checks.to_dict())
+    atomic_write_text(attempt.file(task.template), prepared.spliced)
+    atomic_write_text(attempt.diff, prepared.diff)
+    atomic_write_json(attempt.regions, {"kind": sub.kind, "source": str(sub.source),
+                                        "meta": sub.meta, "regions": sub.regions})
     for name in task.frozen_files:
         if name != task.template:
-            shutil.copyfile(task.root / name, paths.root / name)
-    result = Result(
-        attempt_id=paths.root.name, task={"name": task.name, "version": task.version},
-        scale=scale.name,
-        submission={"name": sub.name, "kind": sub.kind, "sha256": sub.sha256,
-                    "source": str(sub.source), "meta": sub.meta},
-        template_sha256=_sha(task.template_text()), spliced_sha256=_sha(prepared.spliced),
-        status="running", runner=runner.name, environment=environment(), started_at=_now(),
-        preflight=checks.summary() if checks is not None else {},
-    )
-    # The record exists before the work starts: a crash leaves a visible "running" row.
-    atomic_write_json(paths.result, asdict(result))
+            shutil.copyfile(task.root / name, attempt.file(name))
 
-    out_dir = paths.stage_dir(pretrain.STAGE)
-    result.dataset = {"name": scale.dataset, "dir": str(data_dir),
+
+def new_record(attempt: Attempt, origin: Origin, task: TaskSpec, scale: ScaleSpec, *,
+               submission: dict[str, Any], spliced: str, runner: str,
+               status: Status = Status.RUNNING, preflight: dict[str, Any] | None = None,
+               started_at: str | None = None) -> AttemptRecord:
+    """The record of an attempt about to run (or refused before it ran)."""
+    from harness.envinfo import environment
+
+    return AttemptRecord(
+        attempt_id=attempt.id, origin=origin, task={"name": task.name, "version": task.version},
+        scale=scale.name, submission=submission,
+        template_sha256=sha256_bytes(task.template_text().encode("utf-8")),
+        spliced_sha256=sha256_bytes(spliced.encode("utf-8")), status=status, runner=runner,
+        harness_version=__version__, environment=environment(),
+        started_at=started_at or now_iso(), preflight=preflight or {})
+
+
+def run_attempt(prepared: Prepared, task: TaskSpec, scale: ScaleSpec, *, attempt: Attempt,
+                origin: Origin, data: Path, runner: Runner, on_event: Hook | None = None,
+                checks: PreflightReport | None = None) -> AttemptRecord:
+    """Run the task's stages on a prepared submission in `attempt`, recording each.
+
+    on_event(kind, info): "stage_start" just before a stage launches (raising there stops
+    it from launching: the ledger charges the budget at this point) and "stage_end" after.
+    checks: the pre-flight report that cleared it, kept in checks.json and the record."""
+    sub = prepared.submission
+    # Resolved before the record exists: missing data is the user's to fix, not a crash.
+    data_dir = dataset_dir(scale, data)
+    stages = stages_of(task, scale)
+    eval_sets = evals_dir(scale, data) if any(s.name == LmEvalStage.name for s in stages) \
+        else None
+    _write_inputs(attempt, prepared, task, checks)
+    record = new_record(attempt, origin, task, scale, spliced=prepared.spliced,
+                        submission={"name": sub.name, "kind": sub.kind, "sha256": sub.sha256,
+                                    "source": str(sub.source), "meta": sub.meta},
+                        runner=runner.name,
+                        preflight=checks.summary() if checks is not None else None)
+    record.dataset = {"name": scale.dataset, "dir": str(data_dir),
                       "manifest_sha256": sha256_file(data_dir / "manifest.json")}
-    spec = runtime(pretrain.build(scale, attempt_dir=paths.root, script=paths.spliced,
-                                  data_dir=data_dir, out_dir=out_dir),
-                   paths, scale, reads=(data_dir,))
-    event: dict[str, Any] = {"stage": pretrain.STAGE, "attempt_id": paths.root.name,
-                             "attempt_dir": str(paths.root), "log_dir": str(out_dir)}
+    # The record exists before the work starts: a crash leaves a visible "running" one.
+    attempt.write(record)
+    ctx = StageContext(task, scale, attempt, data_dir, eval_sets)
+    status, reason = Status.SUCCEEDED, "ok"
+    for stage in stages:
+        got = _run_stage(stage, ctx, runner, record, on_event)
+        status, reason = got.status, got.reason
+        if got.status is not Status.SUCCEEDED:
+            break
+        disagree = _merge_metrics(task, record, stage.name, got.metrics)
+        if disagree:
+            status, reason = Status.RULE_VIOLATION, f"rule violation (cross-check): {disagree}"
+            record.metrics = {}
+            break
+    if status is not Status.SUCCEEDED:
+        record.metrics = {}
+    attempt.close(record, status, reason)
+    return record
+
+
+def run_submission(prepared: Prepared, task: TaskSpec, scale: ScaleSpec, *, runs_dir: Path,
+                   data: Path, runner: Runner, origin: Origin = PLAIN_RUN,
+                   preflight: bool = False, on_event: Hook | None = None
+                   ) -> tuple[AttemptRecord, Attempt]:
+    """A plain attempt outside sessions (`harness run`, `harness baselines`): the pre-flight
+    first when asked (a refusal raises before any attempt exists), then a new attempt folder
+    and its stages."""
+    # Missing data is refused before the pre-flight spends its minute.
+    dataset_dir(scale, data)
+    checks = preflight_or_refuse(prepared, task, runner, work_root=runs_dir) if preflight \
+        else None
+    attempt = new_attempt(runs_dir, prepared)
+    record = run_attempt(prepared, task, scale, attempt=attempt, origin=origin, data=data,
+                         runner=runner, on_event=on_event, checks=checks)
+    return record, attempt
+
+
+def _run_stage(stage: Stage, ctx: StageContext, runner: Runner, record: AttemptRecord,
+               on_event: Hook | None) -> StageOutcome:
+    """One stage: launch through the runner, judge its files, record it."""
+    spec = runtime(stage.build(ctx), ctx.attempt, ctx.scale, reads=stage.reads(ctx),
+                   gpus=stage.gpus)
+    event: dict[str, Any] = {"stage": stage.name, "attempt_id": ctx.attempt.id,
+                             "attempt_dir": str(ctx.attempt.root), "log_dir": str(spec.log_dir)}
     if on_event:
         on_event("stage_start", event)
     run = runner.run(spec)
-    got = pretrain.collect(run, out_dir)
+    got = stage.collect(ctx, run, spec.log_dir)
+    record.stages[stage.name] = stage_record(spec, run, got)
     if on_event:
-        on_event("stage_end", {**event, "outcome": got.outcome.value, "wall_s": run.wall_s})
-    result.status = got.outcome.value
-    result.reason = got.reason
-    result.metrics = got.metrics
-    result.stages[pretrain.STAGE] = {
-        "returncode": run.returncode, "wall_s": round(run.wall_s, 3), "timed_out": run.timed_out,
-        "runner": run.info, "infra": run.infra, "cancelled": run.cancelled,
-        "final": got.final, "curve": got.curve, "argv": list(spec.argv),
-        "stderr_tail": run.stderr_tail() if got.outcome is not Outcome.SUCCEEDED else "",
-        "traceback": got.traceback,
-    }
-    if eval_sets is not None and got.outcome is Outcome.SUCCEEDED:
-        run_lm_eval(task, scale, paths, eval_sets, runner, result, on_event, data_dir=data_dir)
-    result.finished_at = _now()
-    result.artifacts = paths.manifest()
-    atomic_write_json(paths.result, asdict(result))
-    return result, paths
+        on_event("stage_end", {**event, "outcome": got.status.value, "wall_s": run.wall_s})
+    return got
+
+
+def stage_record(spec: StageSpec, run: StageRun, got: StageOutcome) -> StageRecord:
+    return StageRecord(
+        outcome=got.status, reason=got.reason, returncode=run.returncode,
+        wall_s=round(run.wall_s, 3), timed_out=run.timed_out, infra=run.infra,
+        cancelled=run.cancelled, runner=dict(run.info), argv=list(spec.argv),
+        stderr_tail=run.stderr_tail() if got.status is not Status.SUCCEEDED else "",
+        details=dict(got.details))
+
+
+def _merge_metrics(task: TaskSpec, record: AttemptRecord, stage: str,
+                   metrics: dict[str, float]) -> str | None:
+    """A stage's metrics become the attempt's. Where the task says another stage's frozen code
+    computes a metric's official value (`scored_by`), training's own number must agree with
+    it first; training's numbers then stay in its stage record. Why they disagree, or None."""
+    official = [m for m in task.metrics
+                if m.scorer == stage and m.stage != stage and m.name in metrics]
+    disagree = cross_check(task, record.metrics, {m.name: metrics[m.name] for m in official})
+    if disagree:
+        return disagree
+    for owner in dict.fromkeys(m.stage for m in official):
+        record.stages[owner].details["trained_metrics"] = dict(record.metrics)
+    record.metrics.update(metrics)
+    return None
 
 
 def cross_check(task: TaskSpec, trained: dict[str, float], official: dict[str, float]
@@ -239,58 +297,3 @@ def cross_check(task: TaskSpec, trained: dict[str, float], official: dict[str, f
                     f"from the checkpoint ({ref:.6g}); tolerance {CROSS_CHECK_ATOL} + "
                     f"{CROSS_CHECK_RTOL:.1%}")
     return None
-
-
-def run_lm_eval(task: TaskSpec, scale: ScaleSpec, paths: AttemptPaths, evals: Path,
-                runner: Runner, result: Result,
-                on_event: Callable[[str, dict[str, Any]], None] | None = None, *,
-                data_dir: Path | None = None) -> None:
-    """The lm-eval stage on pretrain's checkpoint. It scores the lm-eval tasks and, with
-    data_dir, recomputes val_loss, which must agree with training's; its metrics become the
-    attempt's. A failure or a disagreement decides the attempt's status."""
-    script = paths.root / lmeval.SCRIPT
-    if not script.exists():  # copied with the frozen files once task.toml lists it
-        shutil.copyfile(task.root / lmeval.SCRIPT, script)
-    out_dir = paths.stage_dir(lmeval.STAGE)
-    spec = runtime(lmeval.build(script=script, attempt_dir=paths.root,
-                                checkpoint=paths.root / pretrain.STAGE / "ckpt.pt", evals=evals,
-                                out_dir=out_dir, settings=lmeval.settings_for(scale),
-                                timeout_s=float(scale.timeout_s), data_dir=data_dir),
-                   paths, scale, reads=(evals, *((data_dir,) if data_dir else ())),
-                   gpus=1 if scale.device == "cuda" else 0)
-    event: dict[str, Any] = {"stage": lmeval.STAGE, "attempt_id": paths.root.name,
-                             "attempt_dir": str(paths.root), "log_dir": str(out_dir)}
-    if on_event:
-        on_event("stage_start", event)
-    run = runner.run(spec)
-    expected = [m.name for m in task.metrics if m.scorer == lmeval.STAGE
-                and (data_dir is not None or m.stage == lmeval.STAGE)]
-    got = lmeval.collect(run, out_dir, expected)
-    if on_event:
-        on_event("stage_end", {**event, "outcome": got.outcome.value, "wall_s": run.wall_s})
-    keep = ("lm_eval_version", "convention", "metrics", "secondary", "detail", "settings",
-            "evals", "samples_sha256", "error", "val_loss", "lowbit_audit")
-    result.stages[lmeval.STAGE] = {
-        "returncode": run.returncode, "wall_s": round(run.wall_s, 3), "timed_out": run.timed_out,
-        "runner": run.info, "infra": run.infra, "cancelled": run.cancelled,
-        "argv": list(spec.argv), "outcome": got.outcome.value, "reason": got.reason,
-        "stderr_tail": run.stderr_tail() if got.outcome is not Outcome.SUCCEEDED else "",
-        **{k: got.report[k] for k in keep if k in got.report},
-    }
-    if got.outcome is not Outcome.SUCCEEDED:
-        result.status, result.reason = got.outcome.value, got.reason
-        return
-    disagree = cross_check(task, result.metrics, got.metrics)
-    if disagree:
-        result.status = Outcome.RULE_VIOLATION.value
-        result.reason = f"rule violation (cross-check): {disagree}"
-        result.metrics = {}
-        return
-    # The official numbers replace training's; training's stay in its stage record.
-    result.stages[pretrain.STAGE]["trained_metrics"] = dict(result.metrics)
-    result.metrics.update(got.metrics)
-
-
-def load_result(path: Path) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    return data

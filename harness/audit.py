@@ -8,47 +8,25 @@ ledger, then each artifact against result.json, finds any file changed or remove
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from harness.attempt import STAGES
 from harness.errors import UserError
 from harness.ledger import (
-    FINISHED,
-    REFUNDABLE,
     AttemptRow,
     Ledger,
     SessionRow,
     Settlement,
-    now_iso,
-    owner_state,
 )
-from harness.paths import AttemptPaths, atomic_write_json, sha256_file
+from harness.record import Attempt, AttemptRecord, RecordError, Status
+from harness.runtime.fileio import sha256_file
+from harness.runtime.procs import kill_processes_in, owner_state
 
-STAGES = ("pretrain", "lm-eval")
 KILL_WAIT_S = 5.0
-
-
-# --- result.json of an attempt that ended abnormally ---------------------------------
-
-
-def close_record(root: Path, status: str, reason: str) -> str | None:
-    """Complete a result.json left `running` (crash, refusal); the sha256 it now has."""
-    path = root / "result.json"
-    try:
-        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if data.get("status") == "running":
-        data.update(status=status, reason=reason, finished_at=now_iso(),
-                    artifacts=AttemptPaths(root).manifest())
-        atomic_write_json(path, data)
-    return sha256_file(path)
 
 
 # --- audit -----------------------------------------------------------------------------
@@ -58,29 +36,27 @@ def verify_attempt(a: AttemptRow, metrics: dict[str, float]) -> tuple[list[str],
     """Problems with an attempt's recorded files, and how many files were re-hashed."""
     if not a.attempt_dir or not a.result_sha256:
         return [], 0  # nothing was recorded to compare against
-    root = Path(a.attempt_dir)
-    result = root / "result.json"
-    if not result.is_file():
-        return [f"result.json vanished (the folder {root} "
-                f"{'exists' if root.is_dir() else 'is gone too'})"], 1
+    attempt = Attempt(Path(a.attempt_dir))
+    if not attempt.has_record():
+        return [f"result.json vanished (the folder {attempt.root} "
+                f"{'exists' if attempt.root.is_dir() else 'is gone too'})"], 1
     problems = []
-    now = sha256_file(result)
+    now = attempt.record_sha256()
     if now != a.result_sha256:
         problems.append(f"result.json changed (recorded {a.result_sha256[:12]}, now {now[:12]})")
     try:
-        data = json.loads(result.read_text(encoding="utf-8"))
-    except ValueError:
-        return [*problems, "result.json is not valid JSON"], 1
-    artifacts: dict[str, str] = data.get("artifacts") or {}
-    for rel, digest in sorted(artifacts.items()):
-        path = root / rel
+        record = attempt.read()
+    except RecordError as e:
+        return [*problems, f"result.json cannot be read: {e}"], 1
+    for rel, digest in sorted(record.artifacts.items()):
+        path = attempt.root / rel
         if not path.is_file():
             problems.append(f"{rel} vanished")
         elif (got := sha256_file(path)) != digest:
             problems.append(f"{rel} changed (recorded {digest[:12]}, now {got[:12]})")
-    if a.status == "succeeded" and (data.get("metrics") or {}) != metrics:
+    if a.state.ranked and record.metrics != metrics:
         problems.append("the metrics in result.json differ from the ledger's")
-    return problems, 1 + len(artifacts)
+    return problems, 1 + len(record.artifacts)
 
 
 @dataclass
@@ -162,7 +138,7 @@ def _entry_lines(e: AuditEntry) -> list[str]:
              f"{f'{took:.1f}s' if took is not None else '-':>8}  {shown}"]
     if a.refunded:
         lines.append(f"      refund: {a.refund_reason}")
-    lines += [f"      check: {f}" for f in e.findings() if a.status != "succeeded"]
+    lines += [f"      check: {f}" for f in e.findings() if not a.state.ranked]
     lines.append(f"      attempt: {a.attempt_dir or a.id}")
     lines += [f"      log: {p}" for p in e.logs()]
     return lines
@@ -214,9 +190,8 @@ def follow_logs(ledger: Ledger, a: AttemptRow, stage: str, out: TextIO, *,
     offsets: dict[Path, int] = {}
     last: Path | None = None
     while True:
-        # By session and number: an attempt takes its final id when its stage starts.
-        a = next(x for x in ledger.attempts(a.session_id) if x.number == a.number)
-        done = a.status in FINISHED
+        a = ledger.attempt(a.id)
+        done = a.state.finished
         paths = [] if not a.attempt_dir else [Path(a.attempt_dir) / stage / n
                                                for n in ("stdout.log", "stderr.log")]
         for p in paths:
@@ -242,6 +217,32 @@ def _read_from(path: Path, offset: int) -> bytes:
         return b""
 
 
+# --- cancel --------------------------------------------------------------------------------
+
+
+def request_cancel(ref: str, *, home: Path | None = None) -> Path:
+    """Touch the cancel marker of a running attempt (its folder, or a session test by id or
+    SESSION:N); the process running it stops the stage (any runner: its poll loop watches the
+    marker) and settles it as cancelled. The attempt's folder."""
+    attempt = Attempt(Path(ref))
+    if not attempt.has_record():
+        with Ledger(home, create=False) as ledger:
+            row = ledger.find_attempt(ref)
+        if not row.in_progress or not row.attempt_dir:
+            raise UserError(f"attempt {row.id} is {row.status}: nothing to cancel", where=ref)
+        attempt = Attempt(Path(row.attempt_dir))
+    try:
+        status = attempt.read().status
+    except (OSError, RecordError) as e:
+        raise UserError(f"its result.json cannot be read: {e}", where=str(attempt.root),
+                        fix="`harness recover` settles an attempt whose record is broken") \
+            from None
+    if status.finished:
+        raise UserError(f"the attempt is {status}: nothing to cancel", where=str(attempt.root))
+    attempt.cancel_file.touch()
+    return attempt.root
+
+
 # --- recover ---------------------------------------------------------------------------
 
 
@@ -250,7 +251,7 @@ class Recovered:
     attempt: AttemptRow
     action: str  # "settled" | "alive" | "elsewhere"
     killed: tuple[int, ...] = ()
-    status: str = "failed_infra"  # how it was settled
+    status: Status = Status.FAILED_INFRA  # how it was settled
 
     def render(self) -> str:
         a = self.attempt
@@ -259,86 +260,41 @@ class Recovered:
             return f"left alone: {who}: its process is alive"
         if self.action == "elsewhere":
             return f"left alone: {who}: another host; run `harness recover` there"
-        refund = ", refunded" if a.charged and self.status in REFUNDABLE else ""
-        kept = " (its final record was written)" if self.status != "failed_infra" else ""
+        refund = ", refunded" if a.charged and self.status.refundable else ""
+        kept = " (its final record was written)" if self.status is not Status.FAILED_INFRA \
+            else ""
         killed = (f"; killed {len(self.killed)} orphaned stage process(es)"
                   if self.killed else "")
         return f"settled: {who}: {self.status}{kept}{refund}{killed}"
 
 
-def stage_processes(root: Path) -> list[int]:
-    """Our processes working in an attempt folder: a stage outlives a killed harness."""
-    target = str(root.resolve())
-    proc = Path("/proc")
-    found = []
-    for entry in proc.iterdir() if proc.is_dir() else []:
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if entry.stat().st_uid == os.getuid() and os.readlink(entry / "cwd") == target:
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
+def attempt_folder(ledger: Ledger, a: AttemptRow) -> Attempt | None:
+    """The folder of an attempt: the row's id names it (record.Attempt), whether or not its
+    harness lived to record it in the ledger. None when there is none."""
+    root = Path(a.attempt_dir) if a.attempt_dir else ledger.runs_dir / a.id
+    return Attempt(root) if root.is_dir() else None
 
 
-def kill_stage_processes(root: Path, wait_s: float = KILL_WAIT_S) -> tuple[int, ...]:
-    """SIGKILL them until none is left (one may have been forking as the first round came)."""
-    killed: list[int] = []
-    deadline = time.monotonic() + wait_s
-    while (pids := stage_processes(root)) and time.monotonic() < deadline:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            if pid not in killed:
-                killed.append(pid)
-        time.sleep(0.05)
-    return tuple(killed)
-
-
-def _record(root: Path) -> dict[str, Any] | None:
+def _final_record(attempt: Attempt) -> AttemptRecord | None:
     try:
-        data = json.loads((root / "result.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        record = attempt.read()
+    except (OSError, RecordError):
         return None
-    return data if isinstance(data, dict) else None
+    return record if record.status.finished else None
 
 
-def attempt_folder(ledger: Ledger, a: AttemptRow) -> Path | None:
-    """The folder of an attempt, also when its harness died before the ledger learnt it (the
-    ledger records it at the charge): a test refused by the checks has the row's id as its
-    name; a test's stage folder embeds the test's name. None when there is none."""
-    if a.attempt_dir:
-        return Path(a.attempt_dir)
-    runs = ledger.runs_dir
-    if (runs / a.id).is_dir():
-        return runs / a.id
-    from harness.session import test_name
-
-    known = {r[0] for r in ledger.conn.execute(
-        "SELECT attempt_dir FROM attempts WHERE attempt_dir IS NOT NULL")}
-    tag = f"-{test_name(a.session_id, a.number)}-"
-    found = [p for p in runs.iterdir() if p.is_dir() and tag in p.name
-             and str(p) not in known] if runs.is_dir() else []
-    return found[0] if len(found) == 1 else None
-
-
-def _settlement(root: Path | None, reason: str) -> Settlement:
+def _settlement(attempt: Attempt | None, reason: str) -> Settlement:
     """How recover settles an attempt whose harness died: failed_infra, its result.json
     completed; but a final record the harness wrote before it died (it had settled everything
     but the ledger) stands, and the ledger takes it."""
-    record = _record(root) if root else None
-    if root is not None and record is not None and record.get("status") in FINISHED:
-        status = str(record["status"])
-        metrics = record.get("metrics") if status == "succeeded" else None
-        return Settlement(status, str(record.get("reason") or ""),
-                          metrics={k: float(v) for k, v in metrics.items()
-                                   if isinstance(v, int | float)}
-                          if isinstance(metrics, dict) else {},
-                          attempt_dir=str(root), result_sha256=sha256_file(root / "result.json"))
-    sha = close_record(root, "failed_infra", reason) if root else None
-    return Settlement("failed_infra", reason, attempt_dir=str(root) if root else None,
-                      result_sha256=sha)
+    record = _final_record(attempt) if attempt is not None else None
+    if attempt is not None and record is not None:
+        return Settlement(record.status, record.reason,
+                          metrics=record.metrics if record.status.ranked else {},
+                          attempt_dir=str(attempt.root), result_sha256=attempt.record_sha256())
+    sha = attempt.close_unfinished(Status.FAILED_INFRA, reason) if attempt else None
+    return Settlement(Status.FAILED_INFRA, reason,
+                      attempt_dir=str(attempt.root) if attempt else None, result_sha256=sha)
 
 
 def recover(ledger: Ledger) -> list[Recovered]:
@@ -349,11 +305,11 @@ def recover(ledger: Ledger) -> list[Recovered]:
         if state != "gone":
             out.append(Recovered(a, state))
             continue
-        root = attempt_folder(ledger, a)
-        killed = kill_stage_processes(root) if root else ()
+        attempt = attempt_folder(ledger, a)
+        killed = kill_processes_in(attempt.root, KILL_WAIT_S) if attempt else ()
         reason = (f"the harness process (pid {a.pid} on {a.host}) ended while the attempt was "
                   f"{a.status}; settled by `harness recover`")
-        settlement = _settlement(root, reason)
+        settlement = _settlement(attempt, reason)
         try:
             ledger.finish(a.id, settlement)
         except UserError:

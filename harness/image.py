@@ -7,9 +7,11 @@ for torch when the base image already has it (a CUDA PyTorch base on clusters) â
 containers/Dockerfile installs from it with `pip install --no-index`, with the build's
 network switched off. No network is needed in the image at build or run time.
 
-check: `python -m harness.image_probe` inside the image (network none, read-only, non-root)
-reports python, torch (CUDA and NCCL with --gpu), lm-eval at the task's pin and the offline
-tokenizer files with their hashes; anything missing exits 2, before any attempt is charged.
+check (harness.runners.docker.check_image, since the docker runner checks each image before
+its first stage with it): `python -m harness.runtime.image_probe` inside the image (network
+none, read-only, non-root) reports python, torch (CUDA and NCCL with --gpu), lm-eval at the
+task's pin and the offline tokenizer files with their hashes; anything missing exits 2,
+before any attempt is charged.
 """
 
 from __future__ import annotations
@@ -27,25 +29,18 @@ from pathlib import Path
 from typing import Any
 
 from harness import __version__
+from harness.envinfo import DIST, project_requirements
 from harness.errors import InfraError, UserError
 from harness.runners.config import DockerSettings
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "containers" / "Dockerfile"
-PYPROJECT = REPO / "pyproject.toml"
-DIST = "bitlinear-harness"
 # A CUDA PyTorch image; pick the tag whose CUDA your cluster's driver supports
 # (containers/README.md). CI builds from a local Debian base instead (scripts/ci_docker.sh).
 DEFAULT_BASE = "pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime"
 LOCAL_WHEELS = Path("/opt/wheels")
 WHEEL_CACHE = REPO / "build" / "wheelhouse"
 LABEL = "org.bitlinear-harness"
-PROBE_TARGET = "/tmp/harness_image_probe.py"
 # Printed by the base image's python: its version and whether it has torch already.
 BASE_PROBE = (
     "import json, sys, importlib.metadata as m\n"
@@ -60,31 +55,6 @@ def _say(line: str) -> None:
 
 
 # --- what goes into the image ---------------------------------------------------------------
-
-def project_requirements(pyproject: Path = PYPROJECT) -> list[str]:
-    """The harness's runtime requirements, as its pyproject.toml declares them now (installed
-    metadata can be stale for an editable install)."""
-    if pyproject.is_file():
-        data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
-        return [str(r) for r in data["project"]["dependencies"]]
-    return [r for r in importlib.metadata.requires(DIST) or [] if "extra ==" not in r]
-
-
-def task_pins(pyproject: Path = PYPROJECT) -> dict[str, str]:
-    """name -> version for the exact (==) pins among the runtime requirements: what the image
-    must match (lm-eval, the tokenizer package)."""
-    from packaging.requirements import Requirement
-
-    pins = {}
-    for line in project_requirements(pyproject):
-        req = Requirement(line)
-        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
-            continue
-        exact = [s.version for s in req.specifier if s.operator == "=="]
-        if exact:
-            pins[req.name] = exact[0]
-    return pins
-
 
 def pinned_closure(roots: Iterable[str], *, skip: Iterable[str] = ()) -> dict[str, str]:
     """Every distribution the requirements pull in, transitively (markers evaluated for this
@@ -298,63 +268,3 @@ def build_image(*, base: str = DEFAULT_BASE, tag: str = DockerSettings.image,
             raise InfraError(f"docker build failed: {e}") from None
     image = client.images.get(tag)
     return Built(tag, image.id, base, time.monotonic() - t0, torch_from, wheels, log)
-
-
-# --- check ----------------------------------------------------------------------------------
-
-@dataclass
-class CheckReport:
-    image: str
-    image_id: str | None
-    ok: bool
-    checks: list[dict[str, Any]]
-    facts: dict[str, Any]
-    error: str | None = None  # the probe could not run at all
-
-    def render(self) -> str:
-        lines = [f"image {self.image}" + (f" ({self.image_id})" if self.image_id else "")]
-        if self.error:
-            lines.append(f"  MISSING  image: {self.error}")
-        for c in self.checks:
-            lines.append(f"  {'ok     ' if c['ok'] else 'MISSING'}  {c['id']}: {c['detail']}")
-        lines.append("all present" if self.ok else
-                     "missing: " + ", ".join([c["id"] for c in self.checks if not c["ok"]]
-                                             or ["image"]))
-        return "\n".join(lines)
-
-
-def check_image(image: str, *, gpu: bool = False,
-                settings: DockerSettings | None = None) -> CheckReport:
-    """Run the probe in the image through the docker runner (same sandbox as a stage)."""
-    from dataclasses import replace
-
-    from harness import image_probe
-    from harness.runners.base import Mount, StageSpec
-    from harness.runners.docker import DockerRunner
-
-    settings = replace(settings or DockerSettings(), image=image)
-    runner = DockerRunner(settings, verify_image=False)
-    pins = [f"--pin={n}=={v}" for n, v in task_pins().items()]
-    # This host's probe, mounted as a script: it reports on an image without the harness too.
-    probe = Mount(Path(image_probe.__file__).resolve(), PROBE_TARGET)
-    with tempfile.TemporaryDirectory(prefix="harness-image-check-") as tmp:
-        spec = StageSpec(name="image-check",
-                         argv=(settings.python, PROBE_TARGET, *pins,
-                               *(["--gpu"] if gpu else [])),
-                         cwd=Path("/tmp"), log_dir=Path(tmp), timeout_s=600.0, mounts=(probe,),
-                         gpus=1 if gpu else 0, job_name="harness-image-check")
-        run = runner.run(spec)
-        image_id = run.info.get("image_id")
-        if not run.started:
-            if "Docker daemon" in (run.error or ""):
-                raise InfraError(run.error or "")
-            return CheckReport(image, image_id, False, [], {}, error=run.error)
-        stdout = run.stdout.read_text(encoding="utf-8", errors="replace")
-        try:
-            report = json.loads(stdout[stdout.index("{"):])
-        except ValueError:
-            tail = run.stderr_tail(10) or stdout[-2000:]
-            return CheckReport(image, image_id, False, [], {},
-                               error=f"the probe did not run (exit {run.returncode}"
-                                     f"{', ' + run.infra if run.infra else ''}): {tail}")
-    return CheckReport(image, image_id, bool(report["ok"]), report["checks"], report["facts"])

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import UserError
+from harness.record import FINISHED, IN_PROGRESS, Status
+from harness.runtime.procs import process_token
 
 HOME_ENV = "HARNESS_HOME"
 DEFAULT_HOME = "~/.local/share/bitlinear-harness"
@@ -32,14 +34,10 @@ LEDGER_FILE = "ledger.sqlite3"
 BUSY_TIMEOUT_S = 60.0
 
 MODES = ("vanilla", "agent", "baseline")
-IN_PROGRESS = ("pending", "checking", "running")
-FINISHED = ("succeeded", "failed_submission", "failed_infra", "cancelled", "rule_violation")
-STATUSES = IN_PROGRESS + FINISHED
-# A charge is returned only when the failure was not the submission's doing.
-REFUNDABLE = ("failed_infra", "cancelled")
 
 
-# The statuses as migration 1 wrote them: a migration's text never changes once shipped.
+# The statuses as migration 1 wrote them, and the one migration 4 added: a migration's text
+# never changes once shipped, so these stay literal here (harness.record has the vocabulary).
 _V1_STATUSES = ("pending", "checking", "running", "succeeded", "failed_submission",
                 "failed_infra", "cancelled")
 
@@ -63,7 +61,7 @@ def _widen_status_check(conn: sqlite3.Connection) -> None:
     SQLite cannot ALTER a CHECK constraint. Widening one is the case its documentation allows
     by rewriting the stored CREATE statement (every existing row still satisfies the new
     check), with the schema version bumped so other connections reload it."""
-    old = "'failed_infra', 'cancelled'))"
+    old = "'failed_infra', 'cancelled'))"  # migration 1's text, see _V1_STATUSES
     row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND "
                        "name = 'attempts'").fetchone()
     if row is None or old not in row[0]:
@@ -117,8 +115,8 @@ MIGRATIONS: tuple[Migration, ...] = (
             attempt_dir TEXT,
             result_sha256 TEXT,
             UNIQUE (session_id, number))""",
-        # ON UPDATE CASCADE: an attempt takes its final id (its directory's name) when its
-        # stage starts; nothing points at it yet then, but the rule keeps that safe.
+        # ON UPDATE CASCADE: schema 1's attempts took their final id when their stage
+        # started. Ids no longer change (harness.record.Attempt), but shipped text stays.
         """CREATE TABLE results (
             attempt_id TEXT NOT NULL REFERENCES attempts(id) ON UPDATE CASCADE,
             metric TEXT NOT NULL,
@@ -214,6 +212,10 @@ class AttemptRow:
     def in_progress(self) -> bool:
         return self.status in IN_PROGRESS
 
+    @property
+    def state(self) -> Status:
+        return Status(self.status)
+
     def duration_s(self) -> float | None:
         start = self.started_at or self.created_at
         if self.finished_at is None:
@@ -243,7 +245,7 @@ class EditOp:
 class Settlement:
     """How an attempt ended; None leaves a column as it was."""
 
-    status: str
+    status: Status
     reason: str
     metrics: Mapping[str, float] = field(default_factory=dict)
     attempt_dir: str | None = None
@@ -287,54 +289,8 @@ class Owner:
     token: str
 
 
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat after the command name (which may hold spaces)."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw.rsplit(")", 1)[1].split()
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def process_token(pid: int) -> str:
-    """Boot id + the process's start time: unique per process across pid reuse and reboots.
-
-    "" where /proc is missing; liveness then falls back to the pid alone.
-    """
-    stat = _proc_stat(pid)
-    return f"{_boot_id()}:{stat[19]}" if stat else ""
-
-
 def current_owner() -> Owner:
     return Owner(os.getpid(), socket.gethostname(), process_token(os.getpid()))
-
-
-def owner_state(pid: int, host: str, token: str) -> str:
-    """'alive', 'gone', or 'elsewhere' (another host: this machine cannot tell)."""
-    if host != socket.gethostname():
-        return "elsewhere"
-    stat = _proc_stat(pid)
-    if stat is not None:
-        # A zombie has exited: its parent just has not reaped it yet.
-        if stat[0] in ("Z", "X"):
-            return "gone"
-        return "alive" if not token or process_token(pid) == token else "gone"
-    if Path("/proc/self/stat").exists():
-        return "gone"
-    try:  # no /proc: the pid alone, which may have been reused
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return "gone"
-    except PermissionError:
-        return "alive"
-    return "alive"
 
 
 # --- connection and migrations -----------------------------------------------------
@@ -556,8 +512,8 @@ class Ledger:
 
     @staticmethod
     def _succeeded(c: sqlite3.Connection, session_id: str) -> list[int]:
-        rows = c.execute("SELECT number FROM attempts WHERE session_id = ? AND status = "
-                         "'succeeded' ORDER BY number", (session_id,)).fetchall()
+        rows = c.execute("SELECT number FROM attempts WHERE session_id = ? AND status = ? "
+                         "ORDER BY number", (session_id, Status.SUCCEEDED.value)).fetchall()
         return [r[0] for r in rows]
 
     def succeeded_numbers(self, session_id: str) -> list[int]:
@@ -592,24 +548,24 @@ class Ledger:
                                "session_id = ?", (session_id,)).fetchone()[0]
             attempt_id = make_id(number)
             c.execute("INSERT INTO attempts (id, session_id, number, status, created_at, host, "
-                      "pid, start_token) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?)",
-                      (attempt_id, session_id, number, now_iso(), owner.host, owner.pid,
-                       owner.token))
+                      "pid, start_token) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                      (attempt_id, session_id, number, Status.PENDING.value, now_iso(),
+                       owner.host, owner.pid, owner.token))
         return self.attempt(attempt_id)
 
-    def set_status(self, attempt_id: str, status: str, **columns: Any) -> None:
+    def set_status(self, attempt_id: str, status: Status, **columns: Any) -> None:
         """Move an attempt along pending -> checking -> running, with optional columns."""
-        assert status in IN_PROGRESS, status
+        assert not status.finished, status
         sets = ", ".join([f"{k} = ?" for k in ("status", *columns)])
         with self._write() as c:
             cur = c.execute(f"UPDATE attempts SET {sets} WHERE id = ? AND status IN "
                             f"({_sql_list(IN_PROGRESS)})",
-                            (status, *columns.values(), attempt_id))
+                            (status.value, *columns.values(), attempt_id))
             if cur.rowcount != 1:
                 raise self._settled_elsewhere(c, attempt_id)
 
-    def charge(self, attempt_id: str, *, new_id: str, attempt_dir: str) -> None:
-        """Charge one test as its stage starts, if the budget allows; the row takes its id."""
+    def charge(self, attempt_id: str) -> None:
+        """Charge one test as its stage starts, if the budget allows."""
         with self._write() as c:
             row = c.execute("SELECT session_id, number, status FROM attempts WHERE id = ?",
                             (attempt_id,)).fetchone()
@@ -620,14 +576,14 @@ class Ledger:
             used = self._used(c, sid)
             if used >= budget:
                 raise NoTestsLeft(sid, used, budget, self._succeeded(c, sid))
-            c.execute("UPDATE attempts SET id = ?, attempt_dir = ?, charged = 1, status = "
-                      "'running', started_at = COALESCE(started_at, ?) WHERE id = ?",
-                      (new_id, attempt_dir, now_iso(), attempt_id))
+            c.execute("UPDATE attempts SET charged = 1, status = ?, started_at = "
+                      "COALESCE(started_at, ?) WHERE id = ?",
+                      (Status.RUNNING.value, now_iso(), attempt_id))
 
     def finish(self, attempt_id: str, s: Settlement) -> AttemptRow:
         """Settle an in-progress attempt; a refundable status returns its charge."""
-        assert s.status in FINISHED, s.status
-        refund = s.status in REFUNDABLE
+        assert s.status.finished, s.status
+        refund = s.status.refundable
         with self._write() as c:
             cur = c.execute(
                 "UPDATE attempts SET status = ?, reason = ?, finished_at = ?, "
@@ -640,12 +596,13 @@ class Ledger:
                 "region_diff = COALESCE(?, region_diff), "
                 "check_report = COALESCE(?, check_report) "
                 f"WHERE id = ? AND status IN ({_sql_list(IN_PROGRESS)})",
-                (s.status, s.reason, now_iso(), refund, refund, f"{s.status}: {s.reason}",
+                (s.status.value, s.reason, now_iso(), refund, refund,
+                 f"{s.status.value}: {s.reason}",
                  s.attempt_dir, s.result_sha256, s.gpu_seconds, s.spliced_sha256,
                  s.region_diff, s.check_report, attempt_id))
             if cur.rowcount != 1:
                 raise self._settled_elsewhere(c, attempt_id)
-            if s.status == "succeeded":
+            if s.status.ranked:
                 c.executemany("INSERT INTO results (attempt_id, metric, value) VALUES (?, ?, ?)",
                               [(attempt_id, k, float(v)) for k, v in s.metrics.items()
                                if math.isfinite(v)])
@@ -685,7 +642,7 @@ class Ledger:
             if a.in_progress:
                 raise UserError(f"test #{number} has not finished (it is {a.status})",
                                 where=where, fix="wait until it finishes")
-            if a.status != "succeeded":
+            if a.status != Status.SUCCEEDED.value:
                 raise UserError(f"test #{number} cannot be submitted: it ended {a.status} "
                                 f"({a.reason})", where=where, fix=fix)
             c.execute("INSERT INTO submissions (session_id, attempt_id, submitted_at) "
@@ -753,7 +710,7 @@ def _submission_problems(c: sqlite3.Connection) -> list[str]:
     for sid, aid, owner, status in rows:
         if owner is not None and owner != sid:
             out.append(f"session {sid}: submission points at attempt {aid} of session {owner}")
-        elif owner is not None and status != "succeeded":
+        elif owner is not None and status != Status.SUCCEEDED.value:
             out.append(f"session {sid}: submitted attempt {aid} is {status}, not succeeded")
     return out
 
@@ -767,5 +724,5 @@ def _attempt_problems(c: sqlite3.Connection) -> list[str]:
         "finished_at IS NOT NULL")]
     out += [f"attempt {r[0]}: has results but is {r[1]}" for r in c.execute(
         "SELECT DISTINCT a.id, a.status FROM results r JOIN attempts a ON a.id = r.attempt_id "
-        "WHERE a.status != 'succeeded'")]
+        "WHERE a.status != ?", (Status.SUCCEEDED.value,))]
     return out

@@ -20,16 +20,21 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.attempt import Prepared, Result, preflight_or_refuse, prepare, run_attempt
+from harness.attempt import (
+    Prepared,
+    data_root,
+    new_record,
+    preflight_or_refuse,
+    prepare,
+    run_attempt,
+)
 from harness.errors import CheckFailed, UserError
 from harness.ledger import (
-    FINISHED,
     MODES,
     AttemptRow,
     Ledger,
@@ -39,16 +44,12 @@ from harness.ledger import (
     current_owner,
     now_iso,
 )
-from harness.paths import (
-    AttemptPaths,
-    atomic_write_json,
-    atomic_write_text,
-    new_attempt_id,
-    sha256_bytes,
-    sha256_file,
-)
-from harness.regions import EditSession, text_to_lines, unified_diff
+from harness.record import Attempt, AttemptRecord, Origin, Status, new_attempt_id
+from harness.regions import EditSession, unified_diff
 from harness.runners.base import Runner
+from harness.runtime.fileio import atomic_write_text, sha256_bytes
+from harness.runtime.layout import text_to_lines
+from harness.runtime.preflight import PreflightReport
 from harness.stages import pretrain
 from harness.task import DEFAULT_TASK, TaskSpec, load_task
 
@@ -58,12 +59,6 @@ LAST_TEST_NOTE = ("[NOTE] This was your last test. You MUST now call submit(n=X)
 CURVE_ROWS = 5  # TRAIN_METRICS lines shown per test, as in the transcript
 TRACEBACK_LINES = 20
 EXCERPT_LINES = 24  # longer views after an edit are elided in the middle
-
-
-def data_root_for(home: Path, explicit: Path | None) -> Path:
-    """--data-dir, else $HARNESS_DATA, else <home>/data: independent of the working directory."""
-    env = os.environ.get("HARNESS_DATA")
-    return explicit or (Path(env) if env else home / "data")
 
 
 @dataclass(frozen=True)
@@ -88,7 +83,7 @@ class Session:
         self.row = row
         self.task = _load_session_task(row)
         self.runner = runner
-        self.data_dir = data_root_for(ledger.home, data_dir)
+        self.data_dir = data_root(data_dir, home=ledger.home)
         self.filename = Path(self.task.template).name
         self._edits, self._seq = self._replay()
 
@@ -209,72 +204,70 @@ class Session:
     def run_test(self) -> TestReport:
         """One test of the current file: checks (free), then training (charged at its start)."""
         self._require_open()
-        attempt = self.ledger.new_attempt(self.id, current_owner(), self._provisional_id)
-        state = _Progress(attempt.id)
+        row = self.ledger.new_attempt(self.id, current_owner(), self._attempt_id)
+        state = _Progress(row.id)
         try:
-            return self._run(attempt, state)
+            # The folder takes the row's id, once: the ledger and runs/ name it alike.
+            state.attempt = Attempt.create(self.ledger.runs_dir, row.id)
+            return self._run(row, state.attempt, state)
         except BaseException as e:
             self._settle_crash(state, e)
             raise
 
-    def _provisional_id(self, number: int) -> str:
+    def _attempt_id(self, number: int) -> str:
         digest = sha256_bytes(json.dumps(self._edits.regions(), sort_keys=True).encode())
-        return new_attempt_id(self._submission_name(number), digest)
+        return new_attempt_id(test_name(self.id, number), digest)
 
-    def _submission_name(self, number: int) -> str:
-        return test_name(self.id, number)
+    def _origin(self, number: int) -> Origin:
+        return Origin("session", session_id=self.id, number=number)
 
-    def _run(self, attempt: AttemptRow, state: _Progress) -> TestReport:
+    def _run(self, row: AttemptRow, attempt: Attempt, state: _Progress) -> TestReport:
         scale = self.task.scale(self.row.scale)
-        snapshot = self._write_snapshot(attempt.number)
-        self.ledger.set_status(attempt.id, "checking")
+        snapshot = self._write_snapshot(row.number)
+        self.ledger.set_status(row.id, Status.CHECKING, attempt_dir=str(attempt.root))
+        runner = self.runner or configured_runner()
         try:
             prepared = prepare(snapshot, self.task)
-            state.preflight = self._preflight(prepared)
+            checks = self._preflight(prepared, runner)
         except UserError as e:
-            return self._refused_by_checks(attempt, e)
-        runner = self.runner or configured_runner()
+            return self._refused_by_checks(row, attempt, e)
         if runner.name == "local":
             from harness.runners.local import warn_not_a_sandbox
 
             warn_not_a_sandbox()
         self.ledger.set_status(
-            attempt.id, "running", started_at=now_iso(), runner=runner.name,
+            row.id, Status.RUNNING, started_at=now_iso(), runner=runner.name,
             spliced_sha256=sha256_bytes(prepared.spliced.encode()), region_diff=prepared.diff,
-            check_report=json.dumps({"ok": True, "findings": [], "preflight": state.preflight}))
-        result, paths = run_attempt(prepared, self.task, scale, runs_dir=self.ledger.runs_dir,
-                                    data=self.data_dir, runner=runner,
-                                    on_event=self._charge_hook(state))
-        settled = self.ledger.finish(state.attempt_id, Settlement(
-            status=result.status, reason=result.reason, metrics=result.metrics,
-            attempt_dir=str(paths.root), result_sha256=sha256_file(paths.result),
-            gpu_seconds=_gpu_seconds(result, scale.device, scale.nproc_per_node)))
+            check_report=json.dumps({"ok": True, "findings": [], "preflight":
+                                     checks.to_dict() if checks is not None else None}))
+        record = run_attempt(prepared, self.task, scale, attempt=attempt,
+                             origin=self._origin(row.number), data=self.data_dir, runner=runner,
+                             on_event=self._charge_hook(row.id), checks=checks)
+        settled = self.ledger.finish(row.id, Settlement(
+            status=record.status, reason=record.reason, metrics=record.metrics,
+            attempt_dir=str(attempt.root), result_sha256=attempt.record_sha256(),
+            gpu_seconds=_gpu_seconds(record, scale.device, scale.nproc_per_node)))
         state.settled = True
-        return self._report(settled, result, paths.root)
+        return self._report(settled, record, attempt.root)
 
-    def _preflight(self, prepared: Prepared) -> dict[str, Any] | None:
+    def _preflight(self, prepared: Prepared, runner: Runner) -> PreflightReport | None:
         """The pre-flight report, run here rather than in run_attempt so that its refusal is
         told apart from other errors and recorded as free; None when the session skips it."""
         if not self.row.preflight:
             return None
         try:
-            return preflight_or_refuse(prepared, self.task).to_dict()
+            return preflight_or_refuse(prepared, self.task, runner,
+                                       work_root=self.ledger.runs_dir)
         except UserError as e:
             raise UserError(e.what, where=e.where, details=e.details,
                             fix="fix the submission; pre-flight is free, so this test was not "
                                 "charged") from None
 
-    def _charge_hook(self, state: _Progress) -> Callable[[str, dict[str, Any]], None]:
+    def _charge_hook(self, attempt_id: str) -> Callable[[str, dict[str, Any]], None]:
         def hook(kind: str, info: dict[str, Any]) -> None:
-            if kind == "stage_start":
-                state.attempt_dir = info["attempt_dir"]
             if kind == "stage_start" and info["stage"] == pretrain.STAGE:
-                if state.preflight is not None:  # in the manifest, as run_attempt would
-                    atomic_write_json(Path(info["attempt_dir"]) / "checks.json", state.preflight)
                 # Raises (and so stops the launch) when the budget is used up.
-                self.ledger.charge(state.attempt_id, new_id=info["attempt_id"],
-                                   attempt_dir=info["attempt_dir"])
-                state.attempt_id = info["attempt_id"]
+                self.ledger.charge(attempt_id)
         return hook
 
     def _settle_crash(self, state: _Progress, error: BaseException) -> None:
@@ -282,17 +275,18 @@ class Session:
         if state.settled:
             return
         # Not an Exception (Ctrl-C, SIGTERM via the CLI, SystemExit): someone stopped it.
-        status = "failed_infra" if isinstance(error, Exception) else "cancelled"
+        status = Status.FAILED_INFRA if isinstance(error, Exception) else Status.CANCELLED
         said = str(error).strip().splitlines()
         reason = f"{type(error).__name__}: {said[0]}" if said else type(error).__name__
         if isinstance(error, NoTestsLeft):  # the charge re-checks the budget: nothing ran
-            status, reason = "cancelled", "refused at stage start: no tests remaining"
-        from harness.audit import close_record
-
-        sha = close_record(Path(state.attempt_dir), status, reason) if state.attempt_dir else None
+            status, reason = Status.CANCELLED, "refused at stage start: no tests remaining"
+        attempt = state.attempt
+        sha = attempt.close_unfinished(status, reason) if attempt is not None else None
         with contextlib.suppress(UserError):  # settled by another process: its record stands
             self.ledger.finish(state.attempt_id, Settlement(
-                status=status, reason=reason, attempt_dir=state.attempt_dir, result_sha256=sha))
+                status=status, reason=reason,
+                attempt_dir=str(attempt.root) if attempt is not None else None,
+                result_sha256=sha))
 
     def _write_snapshot(self, number: int) -> Path:
         """The file as tested, as a submission directory (region files + meta.toml)."""
@@ -302,13 +296,14 @@ class Session:
         for spec in self.task.regions:
             if spec.id in regions:
                 atomic_write_text(snap / spec.submission_file, regions[spec.id])
-        meta = {"name": self._submission_name(number), "agent": self.row.agent,
+        meta = {"name": test_name(self.id, number), "agent": self.row.agent,
                 "mode": self.row.mode, "model": self.row.model or ""}
         atomic_write_text(snap / "meta.toml", "[submission]\n" + "".join(
             f"{k} = {json.dumps(v)}\n" for k, v in meta.items()))
         return snap
 
-    def _refused_by_checks(self, attempt: AttemptRow, error: UserError) -> TestReport:
+    def _refused_by_checks(self, row: AttemptRow, attempt: Attempt,
+                           error: UserError) -> TestReport:
         """Checks refused the file: free. The attempt still gets a folder and a result.json."""
         spliced = self._edits.text()
         diff = unified_diff(self.task.template_text(), spliced)
@@ -316,10 +311,10 @@ class Session:
                   "findings": [f.__dict__ for f in error.findings]
                   if isinstance(error, CheckFailed) else []}
         reason = f"refused by the checks: {error.what}"
-        paths = self._write_refusal(attempt, spliced, diff, report, reason)
-        settled = self.ledger.finish(attempt.id, Settlement(
-            status="failed_submission", reason=reason, attempt_dir=str(paths.root),
-            result_sha256=sha256_file(paths.result), spliced_sha256=sha256_bytes(spliced.encode()),
+        sha = self._write_refusal(row, attempt, spliced, diff, report, reason)
+        settled = self.ledger.finish(row.id, Settlement(
+            status=Status.FAILED_SUBMISSION, reason=reason, attempt_dir=str(attempt.root),
+            result_sha256=sha, spliced_sha256=sha256_bytes(spliced.encode()),
             region_diff=diff, check_report=json.dumps(report)))
         body = UserError(error.what, fix=error.fix, details=error.details).render()
         message = "\n".join([
@@ -330,31 +325,25 @@ class Session:
         return TestReport(settled.number, settled.id, settled.status, False, False, True,
                           message)
 
-    def _write_refusal(self, attempt: AttemptRow, spliced: str, diff: str,
-                       report: dict[str, Any], reason: str) -> AttemptPaths:
-        """A refused test's folder, like any attempt's, so that audit can verify it."""
-        from harness.envinfo import environment
+    def _write_refusal(self, row: AttemptRow, attempt: Attempt, spliced: str, diff: str,
+                       report: dict[str, Any], reason: str) -> str:
+        """A refused test's folder, like any attempt's, so that audit can verify it; the
+        sha256 of its result.json."""
+        from harness.runtime.fileio import atomic_write_json
 
-        paths = AttemptPaths.create(self.ledger.runs_dir, attempt.id)
-        name = self._submission_name(attempt.number)
-        atomic_write_json(paths.checks, report)
-        atomic_write_text(paths.spliced, spliced)
-        atomic_write_text(paths.diff, diff)
-        atomic_write_json(paths.regions, {"kind": "directory", "meta": {"name": name},
-                                          "regions": self._edits.regions()})
-        result = Result(
-            attempt_id=attempt.id, task={"name": self.task.name, "version": self.task.version},
-            scale=self.row.scale, submission={"name": name, "kind": "directory",
-                                              "session": self.id},
-            template_sha256=sha256_bytes(self.task.template_text().encode()),
-            spliced_sha256=sha256_bytes(spliced.encode()), status="failed_submission",
-            runner="none", reason=reason, environment=environment(),
-            started_at=attempt.created_at, finished_at=now_iso())
-        result.artifacts = paths.manifest()
-        atomic_write_json(paths.result, asdict(result))
-        return paths
+        name = test_name(self.id, row.number)
+        atomic_write_json(attempt.checks, report)
+        atomic_write_text(attempt.file(self.task.template), spliced)
+        atomic_write_text(attempt.diff, diff)
+        atomic_write_json(attempt.regions, {"kind": "directory", "meta": {"name": name},
+                                            "regions": self._edits.regions()})
+        record = new_record(attempt, self._origin(row.number), self.task,
+                            self.task.scale(self.row.scale), spliced=spliced,
+                            submission={"name": name, "kind": "directory", "session": self.id},
+                            runner="none", started_at=row.created_at)
+        return attempt.close(record, Status.FAILED_SUBMISSION, reason)
 
-    def _report(self, a: AttemptRow, result: Result, root: Path) -> TestReport:
+    def _report(self, a: AttemptRow, result: AttemptRecord, root: Path) -> TestReport:
         lines = [self._header(a.number)]
         if a.refunded:
             lines.append(f"[REFUNDED] This test failed on our side ({a.reason}); it was not "
@@ -427,18 +416,17 @@ class _Progress:
     """What a running test has learnt so far, for settling it if it crashes."""
 
     attempt_id: str
-    attempt_dir: str | None = None
+    attempt: Attempt | None = None
     settled: bool = False
-    preflight: dict[str, Any] | None = None
 
 
 # --- helpers -----------------------------------------------------------------------
 
 
 def test_name(session_id: str, number: int) -> str:
-    """Test #number's submission name, which its attempt folder's name embeds (how `harness
-    recover` finds a folder the ledger never learnt). Without the session's timestamp: the
-    attempt id that embeds this name has its own."""
+    """Test #number's submission name, which its attempt id embeds for people reading runs/
+    (what it is comes from the record's origin, never from this name). Without the session's
+    timestamp: the attempt id that embeds this name has its own."""
     return f"ses-{session_id.rsplit('-', 1)[-1]}-t{number}"
 
 
@@ -477,11 +465,11 @@ def configured_runner() -> Runner:
     return make_runner(load_config())
 
 
-def _gpu_seconds(result: Result, device: str, nproc: int) -> float:
+def _gpu_seconds(result: AttemptRecord, device: str, nproc: int) -> float:
     """Wall time times GPUs over all stages; 0 on CPU scales."""
     if device != "cuda":
         return 0.0
-    return sum(float(s.get("wall_s") or 0.0) for s in result.stages.values()) * nproc
+    return sum(s.wall_s for s in result.stages.values()) * nproc
 
 
 def _view_read_only(path: Path, name: str, start: int | None, end: int | None) -> str:
@@ -506,7 +494,8 @@ def train_metrics_lines(stage_dir: Path, rows: int = CURVE_ROWS) -> list[str]:
             f"val_loss={_fmt(r.get('val_loss'))}" for r in curve]
 
 
-def _stage_sections(result: Result, root: Path, task: TaskSpec, scale: str) -> list[str]:
+def _stage_sections(result: AttemptRecord, root: Path, task: TaskSpec, scale: str
+                    ) -> list[str]:
     """One "### stage (scale)" section per stage that ran, then the failure, if any."""
     stage_of = {m.name: m.stage for m in task.metrics}
     out: list[str] = []
@@ -517,17 +506,17 @@ def _stage_sections(result: Result, root: Path, task: TaskSpec, scale: str) -> l
             out += ["Training metrics (last steps):", *curve]
         mine = {k: v for k, v in result.metrics.items()
                 if stage_of.get(k, pretrain.STAGE) == stage}
-        if mine and result.status == "succeeded":
+        if mine and result.status.ranked:
             out.append(f"Final metrics ({scale}): " + ", ".join(
                 f"{k}_{scale}={v:.4f}" for k, v in mine.items()))
-        trace = info.get("traceback") or info.get("stderr_tail") or ""
+        trace = info.details.get("traceback") or info.stderr_tail
         if trace:
-            label = "Traceback" if info.get("traceback") else "Last lines of stderr"
+            label = "Traceback" if info.details.get("traceback") else "Last lines of stderr"
             out += [f"{label} (last lines):",
                     *str(trace).rstrip().splitlines()[-TRACEBACK_LINES:]]
-    if result.status == "failed_submission":  # an infra failure has its [REFUNDED] line
+    if result.status is Status.FAILED_SUBMISSION:  # an infra failure has its [REFUNDED] line
         out.append(f"[FAILED] {result.reason}")
-    elif result.status == "rule_violation":
+    elif result.status is Status.RULE_VIOLATION:
         out.append(f"[RULE VIOLATION] {result.reason}. This test was charged and its result "
                    "can never be submitted or ranked; see docs/security.md.")
     return out
@@ -535,7 +524,7 @@ def _stage_sections(result: Result, root: Path, task: TaskSpec, scale: str) -> l
 
 def _attempt_summary(a: AttemptRow) -> dict[str, Any]:
     return {"number": a.number, "attempt_id": a.id, "status": a.status, "charged": a.charged,
-            "refunded": a.refunded, "reason": a.reason, "finished": a.status in FINISHED}
+            "refunded": a.refunded, "reason": a.reason, "finished": a.state.finished}
 
 
 def _charge_label(t: dict[str, Any]) -> str:

@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import UserError
-from harness.regions import (
-    EditSession,
+from harness.regions import EditSession, extract_from_full_file
+from harness.runtime.layout import (
     Layout,
-    extract_from_full_file,
     is_marker_like,
     lines_to_text,
     normalise_newlines,

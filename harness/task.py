@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,18 +17,6 @@ else:  # pragma: no cover
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TASKS_DIR = REPO_ROOT / "tasks"
 DEFAULT_TASK = "llm-pretrain-bitlinear"
-
-BEGIN_MARKER = re.compile(r"^# >>> EDITABLE REGION (?P<id>[a-z][a-z0-9_]*) >>>$")
-END_MARKER = re.compile(r"^# <<< EDITABLE REGION (?P<id>[a-z][a-z0-9_]*) <<<$")
-
-
-def begin_marker(region_id: str) -> str:
-    return f"# >>> EDITABLE REGION {region_id} >>>"
-
-
-def end_marker(region_id: str) -> str:
-    return f"# <<< EDITABLE REGION {region_id} <<<"
-
 
 @dataclass(frozen=True)
 class RegionSpec:
@@ -110,6 +97,10 @@ class TaskSpec:
     interface: tuple[InterfaceItem, ...]
     overrides: tuple[OverrideBound, ...]
     metrics: tuple[MetricSpec, ...]
+    # Where pretrain's frozen code leaves the final checkpoint (relative to the attempt
+    # folder), and the frozen script that scores it in the lm-eval stage.
+    checkpoint: str = "pretrain/ckpt.pt"
+    eval_script: str = "eval_lm.py"
 
     @property
     def template_path(self) -> Path:
@@ -231,7 +222,8 @@ def load_task(task: str | Path = DEFAULT_TASK) -> TaskSpec:
     top.reject_unknown({"task", "regions", "interface", "config_overrides", "metrics"})
     t = _Reader(top.get("task", dict), f"{where} [task]")
     t.reject_unknown({"name", "version", "title", "template", "frozen_files", "read_only_context",
-                      "primary_metric", "test_budget", "stages", "default_scale"})
+                      "primary_metric", "test_budget", "stages", "default_scale", "checkpoint",
+                      "eval_script"})
 
     regions = []
     for i, raw in enumerate(top.get("regions", list)):
@@ -290,5 +282,6 @@ def load_task(task: str | Path = DEFAULT_TASK) -> TaskSpec:
         primary_metric=t.get("primary_metric", str), test_budget=t.get("test_budget", int),
         stages=tuple(t.get("stages", list)), default_scale=t.get("default_scale", str),
         regions=tuple(regions), interface=tuple(interface), overrides=tuple(overrides),
-        metrics=tuple(metrics),
+        metrics=tuple(metrics), checkpoint=t.get("checkpoint", str, "pretrain/ckpt.pt"),
+        eval_script=t.get("eval_script", str, "eval_lm.py"),
     )

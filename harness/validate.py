@@ -34,7 +34,7 @@ def template_config(template: str) -> tuple[set[str], set[str]]:
 
 
 def _check_regions(task: TaskSpec, template: str) -> list[str]:
-    from harness.regions import parse_layout
+    from harness.runtime.layout import parse_layout
 
     problems = []
     layout = parse_layout(template, where=str(task.template_path))

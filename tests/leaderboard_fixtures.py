@@ -1,21 +1,30 @@
-"""Realistic leaderboard inputs, written by the harness's own code: result.json from
-harness.attempt.Result in an AttemptPaths folder (with submission.diff and checks.json), and
-agent sessions through the harness.ledger.Ledger API (charge, finish, submit)."""
+"""Realistic leaderboard inputs, written by the harness's own code: result.json through
+harness.record (AttemptRecord in an Attempt folder, with submission.diff and checks.json), and
+agent sessions through the harness.ledger.Ledger API (new_attempt, charge, finish, submit)."""
 
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass, field, replace
+import json
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from harness.attempt import Prepared, Result, prepare
-from harness.checks.preflight import CheckResult, PreflightReport
+from harness.attempt import Prepared, prepare
 from harness.envinfo import environment
 from harness.ledger import Ledger, SessionRow, Settlement, current_owner, now_iso
-from harness.paths import AttemptPaths, atomic_write_json, atomic_write_text, new_attempt_id
-from harness.paths import sha256_file as sha_file
-from harness.session import new_session_id
+from harness.record import (
+    Attempt,
+    AttemptRecord,
+    Origin,
+    StageRecord,
+    Status,
+    new_attempt_id,
+)
+from harness.runtime.fileio import atomic_write_json, atomic_write_text
+from harness.runtime.fileio import sha256_file as sha_file
+from harness.runtime.preflight import CheckResult, PreflightReport
+from harness.session import new_session_id, test_name
 from harness.task import REPO_ROOT, TaskSpec, load_task
 
 TASK: TaskSpec = load_task()
@@ -70,38 +79,48 @@ def _report(ok: bool) -> PreflightReport:
     return PreflightReport(checks=checks, skipped=[] if ok else ["compile", "ddp"])
 
 
-def write_result(runs_dir: Path, spec: Spec) -> Path:
+def write_result(runs_dir: Path, spec: Spec, *, origin: Origin | None = None,
+                 attempt_id: str | None = None) -> Path:
     """An attempt folder as harness.attempt.run_attempt leaves it; its result.json path."""
     prepared = _prepared(spec.code)
     sub = prepared.submission
-    paths = AttemptPaths.create(runs_dir, new_attempt_id(spec.name, sub.sha256))
+    attempt = Attempt.create(runs_dir, attempt_id or new_attempt_id(spec.name, sub.sha256))
     report = _report(spec.status == "succeeded")
-    atomic_write_json(paths.checks, report.to_dict())
-    atomic_write_text(paths.spliced, prepared.spliced)
-    atomic_write_text(paths.diff, prepared.diff)
+    atomic_write_json(attempt.checks, report.to_dict())
+    atomic_write_text(attempt.file(TASK.template), prepared.spliced)
+    atomic_write_text(attempt.diff, prepared.diff)
     meta = {"name": spec.name, "agent": spec.agent, "mode": spec.mode, "model": spec.model}
+    status = Status(spec.status)
     val = spec.metrics.get("val_loss", 7.0)
-    stages: dict[str, Any] = {
-        "pretrain": {"returncode": 0, "wall_s": 50.0, "timed_out": False,
-                     "curve": curve_for(val) if spec.status == "succeeded" else [],
-                     "final": {"device": "cpu", "world_size": 2, "val_loss": val,
-                               "peak_memory_gb": None},
-                     "stderr_tail": "", "traceback": ""}}
-    if spec.status == "succeeded":
-        stages["lm-eval"] = {"returncode": 0, "wall_s": 20.0, "outcome": "succeeded"}
-    result = Result(
-        attempt_id=paths.root.name, task={"name": TASK.name, "version": TASK.version},
-        scale=spec.scale,
+    stages = {"pretrain": StageRecord(
+        outcome=status, returncode=0, wall_s=50.0, details={
+            "curve": curve_for(val) if status.ranked else [],
+            "final": {"device": "cpu", "world_size": 2, "val_loss": val,
+                      "peak_memory_gb": None}, "traceback": ""})}
+    if status.ranked:
+        stages["lm-eval"] = StageRecord(outcome=status, returncode=0, wall_s=20.0)
+    record = AttemptRecord(
+        attempt_id=attempt.id,
+        origin=origin or Origin("baseline" if spec.mode == "baseline" else "run"),
+        task={"name": TASK.name, "version": TASK.version}, scale=spec.scale,
         submission={"name": spec.name, "kind": sub.kind, "sha256": sub.sha256,
                     "source": str(sub.source), "meta": meta},
         template_sha256=sha_file(TASK.template_path),
-        spliced_sha256=sha_file(paths.spliced), status=spec.status, runner="local",
+        spliced_sha256=sha_file(attempt.file(TASK.template)), status=status, runner="local",
         reason=spec.reason, metrics=dict(spec.metrics), stages=stages,
         environment=_environment(), started_at=now_iso(),
         finished_at=spec.finished_at or now_iso(), preflight=report.summary())
-    result.artifacts = paths.manifest()
-    atomic_write_json(paths.result, asdict(result))
-    return paths.result
+    record.artifacts = attempt.manifest()
+    attempt.write(record)
+    return attempt.record_path
+
+
+def as_schema_1(result: Path) -> None:
+    """Rewrite a record as the harness wrote it before schema 2: no origin."""
+    data = json.loads(result.read_text())
+    del data["origin"]
+    data["schema_version"] = 1
+    atomic_write_json(result, data)
 
 
 def ledger_session(home: Path, *, agent: str, mode: str = "agent", model: str | None = None,
@@ -115,15 +134,17 @@ def ledger_session(home: Path, *, agent: str, mode: str = "agent", model: str | 
             template_sha256=sha_file(TASK.template_path), scale=scale, agent=agent, mode=mode,
             model=model, created_at=now_iso(), budget=max(3, len(tests))))
         for number, spec in enumerate(tests, 1):
-            row = ledger.new_attempt(sid, current_owner(), lambda n: f"{sid}-pending-{n}")
-            # harness.session names each test's submission so (Session._submission_name).
-            named = replace(spec, name=f"ses-{sid.rsplit('-', 1)[-1]}-t{number}", agent=agent,
-                            mode=mode, model=model or "", scale=scale)
-            result = write_result(ledger.runs_dir, named)
-            final_id = result.parent.name
-            ledger.charge(row.id, new_id=final_id, attempt_dir=str(result.parent))
-            ledger.finish(final_id, Settlement(
-                status=spec.status, reason=spec.reason, metrics=spec.metrics,
+            digest = _prepared(spec.code).submission.sha256
+            name = test_name(sid, number)
+            attempt_id = new_attempt_id(name, digest)
+            row = ledger.new_attempt(sid, current_owner(), lambda n, a=attempt_id: a)
+            named = replace(spec, name=name, agent=agent, mode=mode, model=model or "",
+                            scale=scale)
+            result = write_result(ledger.runs_dir, named, attempt_id=row.id,
+                                  origin=Origin("session", session_id=sid, number=number))
+            ledger.charge(row.id)
+            ledger.finish(row.id, Settlement(
+                status=Status(spec.status), reason=spec.reason, metrics=spec.metrics,
                 attempt_dir=str(result.parent), result_sha256=sha_file(result)))
         if submit is not None:
             ledger.submit(sid, submit)

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from harness.paths import sha256_file
-from harness.runners.base import Outcome, StageRun
+from harness.record import Status
+from harness.runners.base import StageRun
+from harness.runtime.fileio import sha256_file
 from harness.stages.pretrain import collect
 from harness.submission import load_submission
 from harness.task import TaskSpec
@@ -80,7 +81,8 @@ def test_baselines_command_records_success_and_submission_failure(tmp_path: Path
     good_path, bad_path = tmp_path / by_name["int2_uniform"][-1], tmp_path / by_name["crashes"][-1]
     assert good_path.parent.parent == tmp_path / "runs"
     good = json.loads(good_path.read_text())
-    assert good["schema_version"] == 1 and good["status"] == "succeeded"
+    assert good["schema_version"] == 2 and good["status"] == "succeeded"
+    assert good["origin"] == {"kind": "baseline", "session_id": None, "number": None}
     assert good["task"] == {"name": "llm-pretrain-bitlinear", "version": task.version}
     attempt = good_path.parent
     final = json.loads((attempt / "pretrain" / "final.json").read_text())
@@ -120,43 +122,43 @@ def _stage_run(tmp_path: Path, *, guard: bool = True, **kw: object) -> StageRun:
 
 
 def test_a_stage_that_failed_before_the_submission_ran_is_infra(tmp_path: Path) -> None:
-    # harness.launch or the guard could not even start (no harness in the image, say).
+    # harness.runtime.launch or the guard could not even start (no harness in the image, say).
     got = collect(_stage_run(tmp_path, guard=False, returncode=1), tmp_path)
-    assert got.outcome is Outcome.FAILED_INFRA
+    assert got.status is Status.FAILED_INFRA
     assert got.reason.startswith("the stage failed before the submission ran (exit code 1")
     # The same exit once a rank had imported the submission: the submission's.
-    assert collect(_stage_run(tmp_path, returncode=1), tmp_path).outcome is \
-        Outcome.FAILED_SUBMISSION
+    assert collect(_stage_run(tmp_path, returncode=1), tmp_path).status is \
+        Status.FAILED_SUBMISSION
 
 
 def test_a_stage_that_never_started_is_infra(tmp_path: Path) -> None:
     got = collect(_stage_run(tmp_path, started=False, returncode=None, error="no torchrun"),
                   tmp_path)
-    assert got.outcome is Outcome.FAILED_INFRA and got.reason == "no torchrun"
+    assert got.status is Status.FAILED_INFRA and got.reason == "no torchrun"
 
 
 def test_frozen_code_refusing_our_data_is_infra_even_with_a_crash_code(tmp_path: Path) -> None:
     (tmp_path / "error_rank1.json").write_text(json.dumps({"kind": "data", "message": "bad"}))
     got = collect(_stage_run(tmp_path, returncode=1), tmp_path)
-    assert got.outcome is Outcome.FAILED_INFRA and "data error: bad" in got.reason
+    assert got.status is Status.FAILED_INFRA and "data error: bad" in got.reason
 
 
 SAME = [1234.5678, 1234.5678]
 
 
 @pytest.mark.parametrize("final,outcome", [
-    ({"val_loss": float("nan"), "rank_param_checksums": SAME}, Outcome.FAILED_SUBMISSION),
-    ({"val_loss": 3.5, "rank_param_checksums": SAME}, Outcome.SUCCEEDED),
+    ({"val_loss": float("nan"), "rank_param_checksums": SAME}, Status.FAILED_SUBMISSION),
+    ({"val_loss": 3.5, "rank_param_checksums": SAME}, Status.SUCCEEDED),
     # Ranks that end with other parameters behaved differently: a rule violation, no score.
-    ({"val_loss": 3.5, "rank_param_checksums": [1234.5678, 1234.5679]}, Outcome.RULE_VIOLATION),
-    ({"val_loss": 3.5}, Outcome.RULE_VIOLATION),
+    ({"val_loss": 3.5, "rank_param_checksums": [1234.5678, 1234.5679]}, Status.RULE_VIOLATION),
+    ({"val_loss": 3.5}, Status.RULE_VIOLATION),
 ])
 def test_final_record_decides_the_pretrain_outcome(tmp_path: Path, final: dict[str, Any],
-                                                   outcome: Outcome) -> None:
+                                                   outcome: Status) -> None:
     (tmp_path / "final.json").write_text(json.dumps(final))
-    got = collect(_stage_run(tmp_path), tmp_path)
-    assert got.outcome is outcome
-    assert got.metrics == ({"val_loss": 3.5} if outcome is Outcome.SUCCEEDED else {})
+    got = collect(_stage_run(tmp_path), tmp_path, ["val_loss"])
+    assert got.status is outcome
+    assert got.metrics == ({"val_loss": 3.5} if outcome is Status.SUCCEEDED else {})
 
 
 def test_a_recorded_violation_wins_over_the_ranks_crash_files(tmp_path: Path) -> None:
@@ -165,7 +167,7 @@ def test_a_recorded_violation_wins_over_the_ranks_crash_files(tmp_path: Path) ->
     (tmp_path / "violation_rank0.json").write_text(json.dumps(
         {"rule": "low-bit", "rank": "0", "message": "low-bit audit at step 10: lm_head ..."}))
     got = collect(_stage_run(tmp_path, returncode=1), tmp_path)
-    assert got.outcome is Outcome.RULE_VIOLATION
+    assert got.status is Status.RULE_VIOLATION
     assert got.reason == ("rule violation (low-bit, rank 0): low-bit audit at step 10: "
                           "lm_head ...")
 
@@ -175,12 +177,12 @@ def test_an_exception_recorded_by_frozen_code_is_the_submissions(tmp_path: Path)
     (tmp_path / "error_rank0.json").write_text(json.dumps(
         {"kind": "exception", "message": "Traceback ...\nSystemExit: 0\n"}))
     got = collect(_stage_run(tmp_path, returncode=0), tmp_path)
-    assert got.outcome is Outcome.FAILED_SUBMISSION
+    assert got.status is Status.FAILED_SUBMISSION
     assert got.reason == "training raised: SystemExit: 0"
 
 
 def test_timeout_and_crash_are_charged_to_the_submission(tmp_path: Path) -> None:
     assert collect(_stage_run(tmp_path, timed_out=True, returncode=None),
-                   tmp_path).outcome is Outcome.FAILED_SUBMISSION
-    assert collect(_stage_run(tmp_path, returncode=1), tmp_path).outcome is \
-        Outcome.FAILED_SUBMISSION
+                   tmp_path).status is Status.FAILED_SUBMISSION
+    assert collect(_stage_run(tmp_path, returncode=1), tmp_path).status is \
+        Status.FAILED_SUBMISSION

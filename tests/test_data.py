@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness.data import shards, smoke, tokenizer
+from harness.data import shards, smoke
 from harness.data.shards import (
     MANIFEST_FORMAT,
     ShardWriter,
@@ -26,7 +26,9 @@ from harness.data.shards import (
     verify,
 )
 from harness.data.smoke import prepare_smoke, stdlib_documents
-from harness.data.tokenizer import (
+from harness.errors import UserError
+from harness.runtime import tokenizer
+from harness.runtime.tokenizer import (
     EOT,
     GPT2_FILES,
     encode_document,
@@ -34,7 +36,6 @@ from harness.data.tokenizer import (
     tokenizer_files,
     tokenizer_sha256,
 )
-from harness.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = REPO / "tasks" / "llm-pretrain-bitlinear" / "custom_pretrain.py"

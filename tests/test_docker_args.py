@@ -2,7 +2,8 @@
 container's end is classified, and the runner's lifecycle against a fake Docker client.
 
 Golden files: REGENERATE_GOLDEN=1 pytest tests/test_docker_args.py rewrites
-tests/golden/docker_args_gpus{0,2}.json; review the diff before committing it.
+tests/golden/docker_args_gpus{0,2}.json and docker_args_preflight.json; review the diff
+before committing it.
 The tests that need a real Docker engine are in tests/docker/ (pytest -m docker).
 """
 
@@ -18,7 +19,8 @@ from typing import Any, ClassVar
 import docker.errors
 import pytest
 
-from harness.runners.base import Exit, Mount, Outcome, RunnerError, StageRun, StageSpec
+from harness.record import Status
+from harness.runners.base import Exit, Mount, RunnerError, StageRun, StageSpec
 from harness.runners.config import DockerSettings
 from harness.runners.docker import (
     NOBODY,
@@ -68,6 +70,38 @@ def test_container_args_match_golden(gpus: int, monkeypatch: pytest.MonkeyPatch)
     args = container_args(spec, SETTINGS, uid_gid="1000:1000", name_suffix="a1b2c3")
     text = json.dumps(args, indent=1, sort_keys=True) + "\n"
     golden = GOLDEN / f"docker_args_gpus{gpus}.json"
+    if REGENERATE:
+        golden.write_text(text)
+    assert text == golden.read_text()
+
+
+class _DockerNamed:
+    name = "docker"
+
+    def run(self, spec: StageSpec) -> StageRun:
+        raise AssertionError("not run here")
+
+
+def test_preflight_container_args_match_golden(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pre-flight stage in a container: its work folder the one writable mount and the
+    working directory, no GPU, the orchestrator from the image's own harness."""
+    from harness.checks import preflight
+    from harness.runtime.preflight import CHECK_IDS
+    from harness.task import load_task
+
+    _fixed_env(monkeypatch, PATH="/host/bin", HOME="/root", LANG="C.UTF-8",
+               LD_LIBRARY_PATH="/host/lib", OMP_NUM_THREADS="4", AWS_SECRET_ACCESS_KEY="leak",
+               CUDA_VISIBLE_DEVICES="3,5,7")
+    work = Path("/srv/bench/runs/.preflight-it's a \"quoted\" run; echo pwned")
+    spec = preflight.build(load_task(), work_dir=work, runner=_DockerNamed(), timeout_s=120,
+                           memory_mb=6144, checks=CHECK_IDS,
+                           python="/host/venv/bin/python3")
+    args = container_args(spec, SETTINGS, uid_gid="1000:1000", name_suffix="a1b2c3")
+    assert args["device_requests"] == [] and args["network_mode"] == "none"
+    assert [(m["Source"], m["ReadOnly"]) for m in args["mounts"]] == [(str(work), False)]
+    assert "PYTHONPATH" not in args["environment"]
+    text = json.dumps(args, indent=1, sort_keys=True) + "\n"
+    golden = GOLDEN / "docker_args_preflight.json"
     if REGENERATE:
         golden.write_text(text)
     assert text == golden.read_text()
@@ -214,7 +248,7 @@ def test_an_oom_kill_is_never_charged(tmp_path: Path) -> None:
     run = StageRun(end.returncode, True, False, 1.0, tmp_path / "o", tmp_path / "e",
                    infra=end.infra)
     got = pretrain.collect(run, tmp_path)
-    assert got.outcome is Outcome.FAILED_INFRA and "out-of-memory" in got.reason
+    assert got.status is Status.FAILED_INFRA and "out-of-memory" in got.reason
 
 
 # --- the lifecycle against a fake client ------------------------------------------------
@@ -325,7 +359,7 @@ def test_missing_image_names_the_fix(tmp_path: Path) -> None:
     assert not run.started
     assert "'nope:1' is not on this Docker host" in (run.error or "")
     assert "harness image build --tag nope:1" in (run.error or "")
-    assert pretrain.collect(run, tmp_path).outcome is Outcome.FAILED_INFRA
+    assert pretrain.collect(run, tmp_path).status is Status.FAILED_INFRA
 
 
 def test_a_container_that_cannot_start_is_infra(tmp_path: Path) -> None:
@@ -380,7 +414,6 @@ def test_our_own_kill_is_not_outside(tmp_path: Path) -> None:
 
 def test_a_broken_image_is_refused_before_the_stage_starts(tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    import harness.image
     from harness.runners import docker as docker_runner
 
     checked: list[tuple[str, bool]] = []
@@ -388,18 +421,18 @@ def test_a_broken_image_is_refused_before_the_stage_starts(tmp_path: Path,
     def check_image(image: str, *, gpu: bool, settings: DockerSettings) -> Any:
         checked.append((image, gpu))
         ok = image == "good:1"
-        return harness.image.CheckReport(image, FakeImage.id, ok, [
+        return docker_runner.CheckReport(image, FakeImage.id, ok, [
             {"id": "torch", "ok": ok, "detail": "ModuleNotFoundError: No module named 'torch'"}],
             {})
 
-    monkeypatch.setattr(harness.image, "check_image", check_image)
+    monkeypatch.setattr(docker_runner, "check_image", check_image)
     monkeypatch.setattr(docker_runner, "VERIFIED", set())
     client = FakeClient()
     run = DockerRunner(DockerSettings(image="broken:1"), client=client).run(_stage(tmp_path))
     assert not run.started and client.created == []  # nothing ran, so nothing is charged
     assert run.error == (f"the image 'broken:1' ({FakeImage.id}) lacks what the task needs: "
                          "torch; `harness image check broken:1` says more")
-    assert pretrain.collect(run, tmp_path).outcome is Outcome.FAILED_INFRA
+    assert pretrain.collect(run, tmp_path).status is Status.FAILED_INFRA
     # A good image is probed once per process, not once per stage.
     good = DockerRunner(DockerSettings(image="good:1"), client=client)
     good.poll_s = 0.01

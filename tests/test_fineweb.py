@@ -24,8 +24,8 @@ import pytest
 from harness.data import fineweb, shards
 from harness.data.fineweb import prepare_fineweb
 from harness.data.shards import ShardWriter, decode_split, read_manifest, verify
-from harness.data.tokenizer import EOT, encode_document, gpt2_encoding, tokenizer_sha256
 from harness.errors import UserError
+from harness.runtime.tokenizer import EOT, encode_document, gpt2_encoding, tokenizer_sha256
 from tests.conftest import PYTHON, REPO
 
 pa = pytest.importorskip("pyarrow")

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import image_probe
+from harness.envinfo import project_requirements, task_pins
 from harness.errors import UserError
-from harness.image import pinned_closure, project_requirements, task_pins
+from harness.image import pinned_closure
+from harness.runtime import image_probe
 from tests.conftest import REPO
 
 GRAPH: dict[str, tuple[str, list[str]]] = {
@@ -91,8 +92,8 @@ def test_the_probe_fails_an_image_whose_harness_has_no_guard(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # None in sys.modules makes the import fail, as in an image built from a harness before the
     # guard existed: every attempt would be refused at launch, so the probe must say so first.
-    monkeypatch.setitem(sys.modules, "harness.guard", None)
+    monkeypatch.setitem(sys.modules, "harness.runtime.guard", None)
     report = image_probe.run_probe(gpu=False, pins={})
     by_id = {c["id"]: c for c in report["checks"]}
     assert "harness" in report["missing"] and not report["ok"]
-    assert "harness.guard" in by_id["harness"]["detail"]
+    assert "harness.runtime.guard" in by_id["harness"]["detail"]

@@ -23,9 +23,9 @@ from harness.leaderboard import (
     INVALID,
     SKIP_NO_SUBMISSION,
     SKIP_SESSION_TEST,
-    AttemptRecord,
     Board,
     Collected,
+    Entry,
     Row,
     Table,
     aggregate,
@@ -37,9 +37,17 @@ from harness.leaderboard import (
     read_board,
     write_board,
 )
-from harness.leaderboard_page import render_page
-from harness.paths import atomic_write_json
-from tests.leaderboard_fixtures import TASK, Spec, ledger_session, metrics_for, write_result
+from harness.leaderboard.page import render_page
+from harness.record import Origin
+from harness.runtime.fileio import atomic_write_json
+from tests.leaderboard_fixtures import (
+    TASK,
+    Spec,
+    as_schema_1,
+    ledger_session,
+    metrics_for,
+    write_result,
+)
 
 MLS_345M = {"val_loss_gpt-345m", "wikitext2_ppl_gpt-345m", "lambada_ppl_gpt-345m",
             "arc_easy_lm-eval-345m", "hellaswag_lm-eval-345m", "piqa_lm-eval-345m",
@@ -224,14 +232,14 @@ LOSS = st.floats(min_value=1.0, max_value=12.0, allow_nan=False)
 
 
 @st.composite
-def records(draw: st.DrawFn) -> list[AttemptRecord]:
+def records(draw: st.DrawFn) -> list[Entry]:
     """Attempts over a few keys and two scales, some read twice, some with a clashing copy."""
-    out: list[AttemptRecord] = []
+    out: list[Entry] = []
     for i in range(draw(st.integers(1, 25))):
         mode, agent, model, name = draw(KEYS)
         status = draw(STATUSES)
         metrics = {"val_loss": draw(LOSS), "arc_easy": draw(st.floats(0, 100))}
-        rec = AttemptRecord(
+        rec = Entry(
             attempt_id=f"att-{i}", source=draw(st.sampled_from(["runs", "ledger"])),
             task=TASK.name, task_version=TASK.version,
             scale=draw(st.sampled_from(["smoke", "gpt-345m"])), name=name, agent=agent,
@@ -242,7 +250,7 @@ def records(draw: st.DrawFn) -> list[AttemptRecord]:
         if draw(st.booleans()):  # the same attempt read again (another runs dir, a copy)
             out.append(rec)
         if status == "succeeded" and draw(st.integers(0, 5)) == 0:  # an edited copy
-            out.append(AttemptRecord(**{**rec.__dict__, "metrics": {**metrics,
+            out.append(Entry(**{**rec.__dict__, "metrics": {**metrics,
                                                                     "val_loss": 0.5}}))
     return draw(st.permutations(out))
 
@@ -250,7 +258,7 @@ def records(draw: st.DrawFn) -> list[AttemptRecord]:
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(records())
 def test_property_one_row_per_key_and_values_from_distinct_attempts(
-        recs: list[AttemptRecord]) -> None:
+        recs: list[Entry]) -> None:
     board = aggregate(Collected(records=list(recs)))
     keys = [r.key for t in board.tables for r in t.rows]
     assert len(keys) == len(set(keys)), "two rows for one key"
@@ -362,11 +370,32 @@ def test_board_file_round_trips(tmp_path: Path) -> None:
     assert read_board(tmp_path / "board.json") == board
 
 
-def test_the_reader_knows_the_current_result_schema() -> None:
-    from harness.attempt import SCHEMA_VERSION
-    from harness.leaderboard import RESULT_SCHEMAS
+def test_records_of_every_schema_harness_record_reads_are_on_the_board(tmp_path: Path
+                                                                       ) -> None:
+    old = write_result(tmp_path, vanilla("old", 3.0))
+    as_schema_1(old)
+    write_result(tmp_path, vanilla("new", 2.0))
+    board = build_board([tmp_path])
+    assert [r.entrant for r in only_table(board).rows] == ["new", "old"]
+    assert not board.problems
 
-    assert SCHEMA_VERSION in RESULT_SCHEMAS
+
+def test_session_tests_are_known_by_their_origin_not_their_name(tmp_path: Path) -> None:
+    # Schema 2: the origin says it, whatever the name (no name is guessed at).
+    write_result(tmp_path, vanilla("plain-name", 2.0),
+                 origin=Origin("session", session_id="ses-20261123-abcd", number=1))
+    # Schema 1 had no origin: harness.record's migration recovers it from the test's name.
+    old = write_result(tmp_path, Spec(name="ses-abcd-t2", metrics=metrics_for(2.5)))
+    as_schema_1(old)
+    # A name that looks like a session test's on a plain run of schema 2 is a plain run.
+    write_result(tmp_path, Spec(name="ses-abcd-t3", mode="vanilla", agent="llm",
+                                model="lookalike", metrics=metrics_for(2.7)))
+    # A final re-run of a session's submission counts as a plain run, for now.
+    write_result(tmp_path, vanilla("rerun", 2.9),
+                 origin=Origin("final", session_id="ses-20261123-abcd", number=1))
+    board = build_board([tmp_path])
+    assert [r.entrant for r in only_table(board).rows] == ["lookalike", "rerun"]
+    assert board.skipped[SKIP_SESSION_TEST] == 2
 
 
 def test_mls_key_mapping() -> None:

@@ -23,10 +23,11 @@ from harness.ledger import (
     current_owner,
     migrate,
     now_iso,
-    owner_state,
     resolve_home,
     user_version,
 )
+from harness.record import Status
+from harness.runtime.procs import owner_state
 from tests.conftest import PYTHON
 
 
@@ -39,15 +40,14 @@ def make_session(ledger: Ledger, sid: str = "ses-1", budget: int = 3) -> Session
 
 
 def start(ledger: Ledger, sid: str = "ses-1", owner: Owner | None = None) -> str:
-    """A new attempt, charged as its stage starts; its final id."""
-    a = ledger.new_attempt(sid, owner or current_owner(), lambda n: f"{sid}-p{n}")
-    final = f"{sid}-a{a.number}"
-    ledger.charge(a.id, new_id=final, attempt_dir=f"/runs/{final}")
-    return final
+    """A new attempt, charged as its stage starts; its id (which never changes)."""
+    a = ledger.new_attempt(sid, owner or current_owner(), lambda n: f"{sid}-a{n}")
+    ledger.charge(a.id)
+    return a.id
 
 
 def finish(ledger: Ledger, attempt_id: str, status: str, **kw: object) -> None:
-    ledger.finish(attempt_id, Settlement(status, reason=f"because {status}", **kw))  # type: ignore[arg-type]
+    ledger.finish(attempt_id, Settlement(Status(status), reason=f"because {status}", **kw))  # type: ignore[arg-type]
 
 
 def dead_pid() -> int:
@@ -157,7 +157,7 @@ def test_the_charge_rechecks_the_budget_when_the_stage_starts(ledger: Ledger) ->
     a = ledger.new_attempt("ses-1", current_owner(), lambda n: "p1")
     ledger.conn.execute("UPDATE sessions SET budget = 0")  # as if spent meanwhile
     with pytest.raises(NoTestsLeft, match=r"\(0 of 0 used\)"):
-        ledger.charge(a.id, new_id="a1", attempt_dir="/runs/a1")
+        ledger.charge(a.id)
     row = ledger.attempt("p1")
     assert not row.charged and row.status == "pending"
 
@@ -178,7 +178,7 @@ def test_infra_failure_refunds_and_submission_failure_stays_charged(ledger: Ledg
 def test_a_free_refusal_is_never_charged(ledger: Ledger) -> None:
     make_session(ledger, budget=1)
     a = ledger.new_attempt("ses-1", current_owner(), lambda n: "p1")
-    ledger.set_status(a.id, "checking")
+    ledger.set_status(a.id, Status.CHECKING)
     finish(ledger, a.id, "failed_submission")
     row = ledger.attempt("p1")
     assert (row.charged, row.refunded, row.status) == (False, False, "failed_submission")
@@ -192,7 +192,7 @@ def test_one_test_at_a_time_per_session(ledger: Ledger) -> None:
         ledger.new_attempt("ses-1", current_owner(), lambda n: "p2")
 
 
-def test_the_new_id_carries_results_and_finding_by_reference(ledger: Ledger) -> None:
+def test_results_and_finding_by_reference(ledger: Ledger) -> None:
     make_session(ledger)
     final = start(ledger)
     finish(ledger, final, "succeeded", metrics={"val_loss": 3.25})

@@ -18,13 +18,16 @@ from typing import Any
 import pytest
 import torch
 
-from harness.attempt import Prepared, load_result, run_attempt
+from harness.attempt import Prepared, run_submission
 from harness.data import evals
-from harness.data.tokenizer import EOT, tokenizer_files
+from harness.record import Status
 from harness.regions import splice
-from harness.runners.base import Outcome, StageRun, StageSpec
+from harness.runners.base import StageRun, StageSpec
 from harness.runners.local import LocalRunner
+from harness.runtime import lmeval_report
+from harness.runtime.tokenizer import EOT, tokenizer_files
 from harness.stages import lmeval
+from harness.stages.base import StageOutcome
 from harness.submission import Submission
 from harness.task import TaskSpec
 from tests.conftest import PYTHON, REPO
@@ -74,7 +77,7 @@ TASKS = [t.harness_task for t in evals.TASKS]
 def make_attempt(root: Path, task: TaskSpec, region: str | None,
                  model_args: dict[str, Any] = ARGS) -> Path:
     """An attempt folder: a spliced template and a pretrain/ckpt.pt of random weights."""
-    from harness.lmeval_model import load_spliced
+    from harness.runtime.spliced import load_spliced
 
     root.mkdir(parents=True, exist_ok=True)
     text = task.template_text() if region is None else splice(task.template_text(),
@@ -153,7 +156,7 @@ def smoke_evals(tmp_path_factory: pytest.TempPathFactory, smoke_corpus: Path) ->
 def test_rolling_windows_match_lm_eval(max_len: int) -> None:
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-    from harness.lmeval_model import rolling_windows
+    from harness.runtime.lmeval_model import rolling_windows
 
     for n in (0, 1, 2, 3, 4, 63, 64, 65, 128, 129, 300):
         tokens = list(range(100, 100 + n))
@@ -163,7 +166,7 @@ def test_rolling_windows_match_lm_eval(max_len: int) -> None:
 
 
 def test_plan_batches_cover_each_request_once_within_budget() -> None:
-    from harness.lmeval_model import plan_batches
+    from harness.runtime.lmeval_model import plan_batches
 
     lengths = [5, 64, 1, 33, 64, 7, 7, 20, 2]
     batches = plan_batches(lengths, 70)
@@ -188,7 +191,7 @@ def bigram_logprob(sequence: list[int]) -> float:
 
 
 def test_loglikelihood_tokens_are_exact_and_greedy_is_exact() -> None:
-    from harness.lmeval_model import GPTLM
+    from harness.runtime.lmeval_model import GPTLM
 
     lm = GPTLM(NextTokenModel(), max_length=8, device=torch.device("cpu"), batch_tokens=10)
     requests = [
@@ -206,7 +209,7 @@ def test_loglikelihood_tokens_are_exact_and_greedy_is_exact() -> None:
 
 
 def test_model_errors_are_the_models() -> None:
-    from harness.lmeval_model import GPTLM, ModelError
+    from harness.runtime.lmeval_model import GPTLM, ModelError
 
     class Broken(torch.nn.Module):
         def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -218,7 +221,7 @@ def test_model_errors_are_the_models() -> None:
 
 
 def test_our_tokens_are_the_hf_tokenizers() -> None:
-    from harness.lmeval_model import GPTLM
+    from harness.runtime.lmeval_model import GPTLM
 
     lm = GPTLM(NextTokenModel(), max_length=8, device=torch.device("cpu"))
     hf = hf_tokenizer()
@@ -232,7 +235,8 @@ def test_our_tokens_are_the_hf_tokenizers() -> None:
 @pytest.mark.parametrize("bias", [False, True])
 def test_converted_model_gives_the_same_logits(tmp_path: Path, task: TaskSpec,
                                                bias: bool) -> None:
-    from harness.lmeval_model import build_model, load_checkpoint, load_spliced
+    from harness.runtime.lmeval_model import build_model, load_checkpoint
+    from harness.runtime.spliced import load_spliced
 
     args = {**ARGS, "bias": bias}
     attempt = make_attempt(tmp_path, task, IDENTITY, args)
@@ -259,7 +263,8 @@ def test_every_metric_equals_lm_evals_hf_model(tmp_path: Path, task: TaskSpec,
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from harness.lmeval_model import GPTLM, build_model, load_checkpoint, load_spliced
+    from harness.runtime.lmeval_model import GPTLM, build_model, load_checkpoint
+    from harness.runtime.spliced import load_spliced
 
     attempt = make_attempt(tmp_path, task, IDENTITY)
     ours = build_model(load_spliced(attempt / "custom_pretrain.py"),
@@ -287,7 +292,7 @@ def test_every_metric_equals_lm_evals_hf_model(tmp_path: Path, task: TaskSpec,
 # --- the stage -----------------------------------------------------------------------------
 
 def _run(tmp_path: Path, returncode: int | None, *, error: dict[str, str] | None = None,
-         report: dict[str, Any] | None = None, timed_out: bool = False) -> lmeval.EvalOutcome:
+         report: dict[str, Any] | None = None, timed_out: bool = False) -> StageOutcome:
     out = tmp_path / "out"
     out.mkdir(parents=True)
     if error is not None:
@@ -305,22 +310,22 @@ def test_headline_metrics_are_the_tasks_lm_eval_metrics(task: TaskSpec) -> None:
 
 def test_collect_sorts_failures_by_whose_they_are(tmp_path: Path) -> None:
     good = {"format": lmeval.FORMAT, "metrics": dict.fromkeys(lmeval.HEADLINE, 50.0)}
-    assert _run(tmp_path / "a", 0, report=good).outcome is Outcome.SUCCEEDED
+    assert _run(tmp_path / "a", 0, report=good).status is Status.SUCCEEDED
     nan = {**good, "metrics": {**good["metrics"], "piqa": math.nan}}
     got = _run(tmp_path / "b", 0, report=nan)
-    assert got.outcome is Outcome.FAILED_SUBMISSION and "piqa" in got.reason
+    assert got.status is Status.FAILED_SUBMISSION and "piqa" in got.reason
     got = _run(tmp_path / "c", 1, error={"kind": "submission", "message": "tb\nValueError: x"})
-    assert got.outcome is Outcome.FAILED_SUBMISSION and got.reason == "lm-eval: ValueError: x"
-    assert _run(tmp_path / "d", 1, error={"kind": "infra", "message": "m"}).outcome \
-        is Outcome.FAILED_INFRA
-    assert _run(tmp_path / "e", None).outcome is Outcome.FAILED_INFRA
-    assert _run(tmp_path / "f", None, timed_out=True).outcome is Outcome.FAILED_INFRA
-    assert _run(tmp_path / "g", 0, report={"format": "other"}).outcome is Outcome.FAILED_INFRA
+    assert got.status is Status.FAILED_SUBMISSION and got.reason == "lm-eval: ValueError: x"
+    assert _run(tmp_path / "d", 1, error={"kind": "infra", "message": "m"}).status \
+        is Status.FAILED_INFRA
+    assert _run(tmp_path / "e", None).status is Status.FAILED_INFRA
+    assert _run(tmp_path / "f", None, timed_out=True).status is Status.FAILED_INFRA
+    assert _run(tmp_path / "g", 0, report={"format": "other"}).status is Status.FAILED_INFRA
 
 
 def test_a_forward_that_raises_is_the_submissions_failure(tmp_path: Path, task: TaskSpec,
                                                           smoke_evals: Path) -> None:
-    from harness.lmeval_run import EvalRequest, SubmissionFailure, evaluate
+    from harness.runtime.lmeval_run import EvalRequest, SubmissionFailure, evaluate
 
     attempt = make_attempt(tmp_path / "attempt", task, FAILS_IN_EVAL)
     request = EvalRequest(script=attempt / "custom_pretrain.py",
@@ -357,7 +362,7 @@ class TrainedRunner:
 
 def _true_val_loss(trained: Path, corpus: Path) -> float:
     """The checkpoint's val_loss as the eval stage computes it, here in this process."""
-    from harness.lmeval_run import EvalRequest, load, score_val_loss
+    from harness.runtime.lmeval_run import EvalRequest, load, score_val_loss
 
     loaded = load(EvalRequest(script=trained / "custom_pretrain.py",
                               checkpoint=trained / "pretrain" / "ckpt.pt", evals=corpus,
@@ -381,7 +386,7 @@ def _fake_pretrain_attempt(tmp_path: Path, task: TaskSpec, smoke_evals: Path,
                      name="ternary")
     prepared = Prepared(sub, task.template_text(), "")
     runner = TrainedRunner(trained / "pretrain" / "ckpt.pt", reported_val_loss=true + offset)
-    result, paths = run_attempt(prepared, task, scale, runs_dir=tmp_path / "runs", data=data,
+    result, paths = run_submission(prepared, task, scale, runs_dir=tmp_path / "runs", data=data,
                                 runner=runner)
     return result, paths, true
 
@@ -406,7 +411,7 @@ def test_attempt_runs_the_stage_and_merges_its_metrics(tmp_path: Path, task: Tas
     result, paths, true = _fake_pretrain_attempt(tmp_path, task, smoke_evals, smoke_corpus,
                                                  offset=0.004)
     assert result.status == "succeeded", result.reason
-    record = load_result(paths.result)
+    record = json.loads(paths.record_path.read_text())
     assert sorted(record["metrics"]) == sorted(["val_loss", *lmeval.HEADLINE])
     # The official val_loss is the eval stage's, from the checkpoint; training's is kept.
     assert record["metrics"]["val_loss"] == pytest.approx(true, abs=1e-6)
@@ -421,7 +426,7 @@ def test_attempt_runs_the_stage_and_merges_its_metrics(tmp_path: Path, task: Tas
     report = json.loads((paths.root / lmeval.STAGE / lmeval.EVAL_FILE).read_text())
     assert "percent" in report["convention"]
     _check_samples(paths.root / lmeval.STAGE, report)
-    assert f"{lmeval.STAGE}/{lmeval.SAMPLES_FILE}" in record["artifacts"]
+    assert f"{lmeval.STAGE}/{lmeval_report.SAMPLES_FILE}" in record["artifacts"]
 
     # `harness eval` re-scores the same attempt from the command line.
     proc = subprocess.run([PYTHON, "-m", "harness", "eval", str(paths.root), "--evals",
@@ -436,10 +441,10 @@ def test_attempt_runs_the_stage_and_merges_its_metrics(tmp_path: Path, task: Tas
 
 def _check_samples(stage_dir: Path, report: dict[str, Any]) -> None:
     """samples.jsonl holds every scored document; the accuracies are their mean, in percent."""
-    rows = [json.loads(line) for line in (stage_dir / lmeval.SAMPLES_FILE).read_text()
+    rows = [json.loads(line) for line in (stage_dir / lmeval_report.SAMPLES_FILE).read_text()
             .splitlines()]
     assert len(rows) == len(evals.TASKS) * lmeval.SMOKE_LIMIT == report["samples_lines"]
     for ours, (name, metric) in lmeval.HEADLINE.items():
-        if metric in lmeval.PERCENT_METRICS:
+        if metric in lmeval_report.PERCENT_METRICS:
             values = [r[metric] for r in rows if r["task"] == name]
             assert report["metrics"][ours] == pytest.approx(100 * sum(values) / len(values))

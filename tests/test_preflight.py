@@ -17,22 +17,24 @@ from typing import Any
 
 import pytest
 
-from harness.attempt import Prepared, region_texts, run_attempt
-from harness.checks.preflight import (
-    CHECK_IDS,
-    MAX_VAL_LOSS_RISE,
-    CheckResult,
-    PreflightReport,
-    ProcessRun,
-    exception_line,
-    judge_ddp,
-    judge_numerics,
-    run_preflight,
-)
+from harness.attempt import Prepared, region_texts, run_submission
+from harness.checks.preflight import run_preflight
 from harness.checks.static import check_spliced
 from harness.errors import UserError
 from harness.regions import splice
 from harness.runners.base import StageRun, StageSpec
+from harness.runners.local import LocalRunner
+from harness.runtime.preflight import (
+    CHECK_IDS,
+    MAX_VAL_LOSS_RISE,
+    REPORT_FILE,
+    CheckResult,
+    PreflightReport,
+    exception_line,
+    judge_ddp,
+    judge_numerics,
+)
+from harness.runtime.procs import ProcessRun
 from harness.submission import Submission, load_submission
 from harness.task import ScaleSpec, TaskSpec
 from tests.conftest import PYTHON, REPO
@@ -54,7 +56,8 @@ def preflight(task: TaskSpec, tmp_path_factory: pytest.TempPathFactory) -> Run:
         text = (spliced_region(task, path) if path.is_file() else
                 splice(task.template_text(), load_submission(path, task).regions))
         work = tmp_path_factory.mktemp(f"pf-{path.stem}")
-        return run_preflight(task, text, work_dir=work, checks=checks, **kw)
+        return run_preflight(task, text, runner=LocalRunner(), work_dir=work, checks=checks,
+                             **kw)
     return run
 
 
@@ -279,11 +282,14 @@ def _tiny_scale(task: TaskSpec, tmp_path: Path) -> tuple[Path, ScaleSpec]:
 
 
 class FakePretrain:
-    """Pretrain replaced by its files (training is tested elsewhere)."""
+    """Pretrain replaced by its files (training is tested elsewhere); the pre-flight stage
+    runs for real, through the local runner."""
 
     name = "fake"
 
     def run(self, spec: StageSpec) -> StageRun:
+        if spec.name == "preflight":
+            return LocalRunner().run(spec)
         out = spec.log_dir
         (out / "final.json").write_text(json.dumps({"val_loss": 3.0,
                                                     "rank_param_checksums": [7.0, 7.0]}))
@@ -303,7 +309,7 @@ def test_run_refuses_before_the_attempt_exists(task: TaskSpec, tmp_path: Path) -
     data, scale = _tiny_scale(task, tmp_path)
     runs = tmp_path / "runs"
     with pytest.raises(UserError) as e:
-        run_attempt(_prepared(task, FIXTURES / "seed002_blog.py"), task, scale,
+        run_submission(_prepared(task, FIXTURES / "seed002_blog.py"), task, scale,
                     runs_dir=runs, data=data, runner=FakePretrain(), preflight=True)
     assert e.value.exit_code == 2
     assert "pre-flight failed: interface" in str(e.value)
@@ -318,12 +324,12 @@ def test_run_records_the_report_in_the_attempt(task: TaskSpec, tmp_path: Path,
     canned = PreflightReport([CheckResult(c, "pass", 0.1, "ok", {"n": 1}) for c in CHECK_IDS])
     monkeypatch.setattr(pf, "run_preflight", lambda *a, **k: canned)
     data, scale = _tiny_scale(task, tmp_path)
-    result, paths = run_attempt(_prepared(task, DATA / "seed001_per_tensor.py"), task,
+    result, paths = run_submission(_prepared(task, DATA / "seed001_per_tensor.py"), task,
                                 scale, runs_dir=tmp_path / "runs", data=data,
                                 runner=FakePretrain(), preflight=True)
     assert result.status == "succeeded"
     assert json.loads(paths.checks.read_text()) == canned.to_dict()
-    record = json.loads(paths.result.read_text())
+    record = json.loads(paths.record_path.read_text())
     assert record["preflight"]["ok"] is True
     assert [c["id"] for c in record["preflight"]["checks"]] == list(CHECK_IDS)
     assert "details" not in record["preflight"]["checks"][0]  # those stay in checks.json
@@ -336,7 +342,7 @@ def test_run_records_the_report_in_the_attempt(task: TaskSpec, tmp_path: Path,
 def test_levels_are_counted_after_factoring_scales() -> None:
     import torch
 
-    from harness.checks.preflight_lowbit import count_levels
+    from harness.runtime.preflight_lowbit import count_levels
 
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
     s = w.abs().mean()
@@ -361,7 +367,7 @@ def test_levels_are_counted_after_factoring_scales() -> None:
 def test_float_weights_fail_even_behind_an_outlier() -> None:
     import torch
 
-    from harness.checks.preflight_lowbit import count_levels
+    from harness.runtime.preflight_lowbit import count_levels
 
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
     assert not count_levels(w).ok
@@ -427,10 +433,87 @@ def test_report_renders_one_line_per_check_and_is_ok_with_warnings() -> None:
 def test_the_worker_limits_memory_before_torch_and_torch_still_imports() -> None:
     import subprocess
 
-    code = ("import resource, sys\nfrom harness.checks.preflight_worker import limit_memory\n"
+    code = ("import resource, sys\nfrom harness.runtime.preflight_worker import limit_memory\n"
             "limit_memory(4096)\nimport torch\ntorch.ones(10).sum()\n"
             "print(resource.getrlimit(resource.RLIMIT_DATA)[0] >> 20)\n")
     proc = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "4096"
+
+
+# --- the pre-flight stage: how it is built and how its end is read --------------------------
+
+
+class _Canned:
+    """A runner that records the stage and ends it as told, writing `report` if given."""
+
+    def __init__(self, name: str = "fake", *, started: bool = True, infra: str | None = None,
+                 report: str | None = None, returncode: int = 0) -> None:
+        self.name, self.started, self.infra = name, started, infra
+        self.report, self.returncode = report, returncode
+        self.specs: list[StageSpec] = []
+
+    def run(self, spec: StageSpec) -> StageRun:
+        self.specs.append(spec)
+        out, err = spec.log_dir / "stdout.log", spec.log_dir / "stderr.log"
+        out.write_text("")
+        err.write_text("Traceback ...\nOSError: no space left\n")
+        if self.report is not None:
+            (spec.cwd / REPORT_FILE).write_text(self.report)
+        return StageRun(self.returncode if self.started else None, self.started, False, 0.5,
+                        out, err, error=None if self.started else "image missing",
+                        infra=self.infra, info={"container_id": "abc123"})
+
+
+def test_the_preflight_is_one_cpu_stage_in_its_own_folder(task: TaskSpec,
+                                                           tmp_path: Path) -> None:
+    canned = PreflightReport([CheckResult(c, "pass", 0.1, "ok") for c in CHECK_IDS])
+    runner = _Canned("docker", report=json.dumps(canned.to_dict()))
+    text = spliced_region(task, DATA / "seed001_per_tensor.py")
+    report = run_preflight(task, text, runner=runner, work_dir=tmp_path / "pf",
+                           timeout_s=100, memory_mb=2048)
+    (spec,) = runner.specs
+    work = (tmp_path / "pf").resolve()
+    assert spec.name == "preflight" and spec.gpus == 0
+    assert spec.cwd == work and spec.log_dir == work
+    assert [(m.source, m.target, m.writable) for m in spec.mounts] == [(work, str(work), True)]
+    assert spec.argv[1:3] == ("-m", "harness.runtime.preflight")
+    assert f"--spliced={work / task.template}" in spec.argv and "--memory-mb=2048" in spec.argv
+    assert spec.timeout_s > 100  # the orchestrator's own deadline comes first
+    assert "PYTHONPATH" not in spec.env and "OMP_NUM_THREADS" in spec.env  # an image's own
+    assert (work / task.template).read_text() == text  # written before the launch
+    assert report.ok and [c.id for c in report.checks] == list(CHECK_IDS)
+    assert report.runner == {"name": "docker", "container_id": "abc123"}
+    assert report.to_dict()["runner"]["container_id"] == "abc123"
+
+
+@pytest.mark.parametrize(("runner", "says"), [
+    (_Canned(started=False), "did not start: image missing"),
+    (_Canned(infra="killed by the out-of-memory killer"), "stopped by killed by the out-of"),
+    (_Canned(returncode=1), "left no readable report (exit code 1"),
+    (_Canned(report="{not json"), "left no readable report"),
+    (_Canned(report=json.dumps({"checks": [{"id": "rm -rf", "status": "pass",
+                                            "duration_s": 0, "reason": ""}]})),
+     "left no readable report"),
+], ids=["not-started", "infra", "no-report", "torn-report", "unknown-check"])
+def test_a_preflight_stage_that_failed_around_the_checks_is_ours(
+        task: TaskSpec, tmp_path: Path, runner: _Canned, says: str) -> None:
+    text = spliced_region(task, DATA / "seed001_per_tensor.py")
+    report = run_preflight(task, text, runner=runner, work_dir=tmp_path / "pf",
+                           checks=("interface", "ddp"))
+    assert not report.ok
+    assert [(c.id, c.status) for c in report.checks] == [("interface", "error")], report.render()
+    assert says in report.checks[0].reason
+    assert report.skipped == ["ddp"]
+    assert all(c.status == "error" for c in report.failed)  # exit 3, nothing charged
+
+
+def test_a_stale_report_in_a_reused_folder_is_never_read(task: TaskSpec, tmp_path: Path) -> None:
+    work = tmp_path / "pf"
+    work.mkdir()
+    old = PreflightReport([CheckResult("interface", "pass", 0.1, "ok")])
+    (work / REPORT_FILE).write_text(json.dumps(old.to_dict()))
+    report = run_preflight(task, spliced_region(task, DATA / "seed001_per_tensor.py"),
+                           runner=_Canned(returncode=1), work_dir=work, checks=("interface",))
+    assert report.checks[0].status == "error"

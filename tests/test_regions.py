@@ -11,15 +11,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from harness.errors import UserError
-from harness.regions import (
-    EditSession,
-    extract_from_full_file,
-    parse_layout,
-    splice,
-    text_to_lines,
-    unified_diff,
-)
-from harness.task import begin_marker, end_marker, load_task
+from harness.regions import EditSession, extract_from_full_file, splice, unified_diff
+from harness.runtime.layout import begin_marker, end_marker, parse_layout, text_to_lines
+from harness.task import load_task
 
 TASK = load_task()
 TEMPLATE = TASK.template_text()

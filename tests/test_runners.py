@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from harness.errors import UserError
+from harness.record import Status
 from harness.runners import make_runner
 from harness.runners.apptainer import ApptainerRunner, command
-from harness.runners.base import Mount, Outcome, StageRun, StageSpec
+from harness.runners.base import Mount, StageRun, StageSpec
 from harness.runners.config import ApptainerSettings, load_config, parse_config, with_overrides
 from harness.runners.local import LocalRunner
 from harness.stages import pretrain
@@ -64,7 +65,7 @@ def test_cancel_marker_stops_the_stage_as_cancelled(tmp_path: Path) -> None:
     assert run.cancelled and not run.timed_out and run.infra is None
     assert run.wall_s < 20
     got = pretrain.collect(run, tmp_path / "logs")
-    assert got.outcome is Outcome.CANCELLED
+    assert got.status is Status.CANCELLED
 
 
 def test_kill_from_outside_is_infra_not_the_submissions(tmp_path: Path) -> None:
@@ -80,7 +81,7 @@ def test_kill_from_outside_is_infra_not_the_submissions(tmp_path: Path) -> None:
     assert run.returncode == -signal.SIGKILL
     assert run.infra is not None and "SIGKILL from outside" in run.infra
     got = pretrain.collect(run, tmp_path / "logs")
-    assert got.outcome is Outcome.FAILED_INFRA and got.reason == run.infra
+    assert got.status is Status.FAILED_INFRA and got.reason == run.infra
 
 
 def test_a_stage_that_cannot_start_is_infra(tmp_path: Path) -> None:
@@ -88,7 +89,7 @@ def test_a_stage_that_cannot_start_is_infra(tmp_path: Path) -> None:
                      log_dir=tmp_path / "logs", timeout_s=5)
     run = LocalRunner().run(spec)
     assert not run.started and run.error and "could not start" in run.error
-    assert pretrain.collect(run, tmp_path / "logs").outcome is Outcome.FAILED_INFRA
+    assert pretrain.collect(run, tmp_path / "logs").status is Status.FAILED_INFRA
 
 
 def test_infra_outranks_the_ranks_own_error_files(tmp_path: Path) -> None:
@@ -98,7 +99,7 @@ def test_infra_outranks_the_ranks_own_error_files(tmp_path: Path) -> None:
     run = StageRun(1, True, False, 1.0, tmp_path / "o", tmp_path / "e",
                    infra="killed by the out-of-memory killer")
     got = pretrain.collect(run, tmp_path)
-    assert got.outcome is Outcome.FAILED_INFRA and "out-of-memory" in got.reason
+    assert got.status is Status.FAILED_INFRA and "out-of-memory" in got.reason
 
 
 # --- configuration ------------------------------------------------------------------------
@@ -196,7 +197,7 @@ def test_apptainer_missing_is_infra_with_a_fix(tmp_path: Path) -> None:
     runner = ApptainerRunner(ApptainerSettings(executable="apptainer-not-installed"))
     run = runner.run(_spec(tmp_path, "pass"))
     assert not run.started and run.error and "not on PATH" in run.error
-    assert pretrain.collect(run, tmp_path).outcome is Outcome.FAILED_INFRA
+    assert pretrain.collect(run, tmp_path).status is Status.FAILED_INFRA
 
 
 # --- `harness cancel` on a real attempt -----------------------------------------------------
@@ -205,7 +206,7 @@ def test_apptainer_missing_is_infra_with_a_fix(tmp_path: Path) -> None:
 def test_harness_cancel_ends_a_running_attempt_cancelled(tmp_path: Path, task: object) -> None:
     import subprocess
 
-    from harness.attempt import prepare, run_attempt
+    from harness.attempt import prepare, run_submission
     from harness.task import TaskSpec
     from tests.conftest import PYTHON, REPO
 
@@ -227,22 +228,28 @@ def test_harness_cancel_ends_a_running_attempt_cancelled(tmp_path: Path, task: o
 
     threading.Thread(target=cancel_when_training, daemon=True).start()
     t0 = time.monotonic()
-    result, paths = run_attempt(prepared, task, task.scale("smoke"), runs_dir=tmp_path / "runs",
+    result, paths = run_submission(prepared, task, task.scale("smoke"), runs_dir=tmp_path / "runs",
                                 data=tmp_path / "data", runner=LocalRunner(), on_event=on_event)
     assert "cancel requested" in seen.get("cli", ""), (result.status, result.reason, seen)
     assert result.status == "cancelled" and result.reason == "cancelled through the harness"
-    assert result.stages["pretrain"]["cancelled"] is True
+    assert result.stages["pretrain"].cancelled is True
     assert "lm-eval" not in result.stages  # nothing runs after a cancel
-    assert json.loads(paths.result.read_text())["status"] == "cancelled"
+    assert json.loads(paths.record_path.read_text())["status"] == "cancelled"
     assert time.monotonic() - t0 < 120
 
 
 def test_cancel_refuses_a_finished_attempt(tmp_path: Path) -> None:
     import subprocess
 
+    from harness.record import Attempt, AttemptRecord, Origin
     from tests.conftest import PYTHON
 
-    (tmp_path / "result.json").write_text(json.dumps({"status": "succeeded"}))
+    attempt = Attempt.create(tmp_path / "runs", "done-0001")
+    attempt.write(AttemptRecord(attempt_id=attempt.id, origin=Origin("run"),
+                                task={"name": "t", "version": "1"}, scale="smoke", submission={},
+                                template_sha256="", spliced_sha256="",
+                                status=Status.SUCCEEDED, runner="local"))
+    tmp_path = attempt.root
     proc = subprocess.run([PYTHON, "-m", "harness", "cancel", str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "nothing to cancel" in proc.stderr

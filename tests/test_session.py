@@ -18,11 +18,12 @@ from typing import Any
 
 import pytest
 
-from harness.audit import audit, follow_logs, kill_stage_processes, stage_processes
+from harness.audit import audit, follow_logs
 from harness.errors import UserError
 from harness.ledger import Ledger, NoTestsLeft
 from harness.regions import EditSession
 from harness.runners.base import StageRun, StageSpec
+from harness.runtime.procs import kill_processes_in, processes_in
 from harness.session import LAST_TEST_NOTE, Session
 from harness.tools import TOOLS, Server, tool_schemas
 from tests.conftest import PYTHON, REPO, TEMPLATE, wait_for
@@ -351,7 +352,10 @@ def test_a_passed_preflight_is_recorded_with_the_attempt(session: Session,
         def to_dict(self) -> dict[str, Any]:
             return {"ok": True, "checks": ["stub"]}
 
-    monkeypatch.setattr(mod, "preflight_or_refuse", lambda prepared, task: Passed())
+        summary = to_dict
+
+    monkeypatch.setattr(mod, "preflight_or_refuse",
+                        lambda prepared, task, runner, work_root: Passed())
     session.ledger.conn.execute("UPDATE sessions SET preflight = 1")
     with Session.open(session.id, home=session.ledger.home, runner=FakeRunner(),
                       data_dir=session.data_dir) as s:
@@ -371,7 +375,7 @@ def test_preflight_that_cannot_run_is_ours_and_free(session: Session,
     import harness.session as mod
     from harness.errors import InfraError
 
-    def broken(prepared: Any, task: Any) -> Any:
+    def broken(prepared: Any, task: Any, runner: Any, work_root: Any) -> Any:
         raise InfraError("pre-flight could not run (compile)")
 
     monkeypatch.setattr(mod, "preflight_or_refuse", broken)
@@ -616,11 +620,11 @@ def test_a_killed_harness_is_recovered_as_a_refunded_infra_failure(home: Path,
     attempt_dir: str | None = None
     try:
         attempt_dir = wait_for(lambda: _charged_and_started(home, sid), timeout=120)
-        wait_for(lambda: stage_processes(Path(attempt_dir)), timeout=30)
+        wait_for(lambda: processes_in(Path(attempt_dir)), timeout=30)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         # The stage runs in its own process group: it outlives the harness.
-        assert stage_processes(Path(attempt_dir))
+        assert processes_in(Path(attempt_dir))
         out = cli("recover", home=home)
         assert out.returncode == 0, out.stderr
         assert re.search(r"settled: test #1 .*: failed_infra, refunded; killed \d+ orphaned",
@@ -629,7 +633,7 @@ def test_a_killed_harness_is_recovered_as_a_refunded_infra_failure(home: Path,
             (a,) = led.attempts(sid)
             assert (a.status, a.charged, a.refunded) == ("failed_infra", True, True)
             assert led.used(sid) == 0 and led.integrity_check() == []
-        assert stage_processes(Path(attempt_dir)) == []
+        assert processes_in(Path(attempt_dir)) == []
         assert json.loads((Path(attempt_dir) / "result.json").read_text())["status"] == \
             "failed_infra"
         assert cli("audit", sid, home=home).returncode == 0
@@ -638,7 +642,7 @@ def test_a_killed_harness_is_recovered_as_a_refunded_infra_failure(home: Path,
         if proc.poll() is None:
             proc.kill()
         if attempt_dir:
-            kill_stage_processes(Path(attempt_dir))
+            kill_processes_in(Path(attempt_dir))
 
 
 def _edit(sid: str, home: Path, content: str, region: int = 0) -> subprocess.CompletedProcess[str]:

@@ -25,8 +25,9 @@ from typing import Any
 
 import pytest
 
+from harness.record import Status
 from harness.runners.apptainer import ApptainerRunner
-from harness.runners.base import Mount, Outcome, RunnerError, StageSpec
+from harness.runners.base import Mount, RunnerError, StageSpec
 from harness.runners.config import ApptainerSettings, SlurmSettings
 from harness.runners.slurm import (
     JobState,
@@ -484,7 +485,7 @@ def test_runner_in_job_timeout_is_the_stages_time_limit(fake: FakeSlurm, tmp_pat
     run = _runner().run(_spec(tmp_path))
     assert run.timed_out and run.infra is None and run.returncode == 124
     got = pretrain.collect(run, tmp_path / "pretrain")
-    assert got.outcome is Outcome.FAILED_SUBMISSION and "time limit" in got.reason
+    assert got.status is Status.FAILED_SUBMISSION and "time limit" in got.reason
 
 
 def test_queue_time_does_not_count_toward_the_time_limit(fake: FakeSlurm,
@@ -505,7 +506,7 @@ def test_runner_scancel_from_outside_is_infra(fake: FakeSlurm, tmp_path: Path) -
     assert run.infra is not None and "cancelled outside the harness" in run.infra
     assert not run.cancelled and not run.timed_out
     got = pretrain.collect(run, tmp_path / "pretrain")
-    assert got.outcome is Outcome.FAILED_INFRA
+    assert got.status is Status.FAILED_INFRA
     assert fake.calls("scancel") == []
 
 
@@ -520,7 +521,7 @@ def test_runner_cancel_marker_scancels_and_ends_cancelled(fake: FakeSlurm,
     assert fake.calls("scancel") == [["100"]]
     # kill() waited until the job had left the queue, not only for its final record.
     assert [c[-1] for c in fake.calls("squeue") if "-o" in c] == ["%i"] * 4
-    assert pretrain.collect(run, tmp_path / "pretrain").outcome is Outcome.CANCELLED
+    assert pretrain.collect(run, tmp_path / "pretrain").status is Status.CANCELLED
 
 
 def test_sbatch_refusal_is_a_runner_error_with_its_message(fake: FakeSlurm,
@@ -529,7 +530,7 @@ def test_sbatch_refusal_is_a_runner_error_with_its_message(fake: FakeSlurm,
     run = _runner().run(_spec(tmp_path))
     assert not run.started and run.error is not None
     assert "sbatch refused the job: sbatch: error: invalid partition specified: nope" in run.error
-    assert pretrain.collect(run, tmp_path / "pretrain").outcome is Outcome.FAILED_INFRA
+    assert pretrain.collect(run, tmp_path / "pretrain").status is Status.FAILED_INFRA
 
 
 def test_missing_slurm_clients_refuse_before_anything_runs(tmp_path: Path,

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from harness.checks.static import RULES, RegionText, check_spliced
 from harness.errors import Finding
-from harness.task import BEGIN_MARKER, END_MARKER, load_task
+from harness.runtime.layout import BEGIN_MARKER, END_MARKER
+from harness.task import load_task
 
 TASK = load_task()
 TEMPLATE = TASK.template_text()

@@ -65,7 +65,7 @@ def test_multi_kernel_is_only_on_with_its_pick_cache_off(monkeypatch: pytest.Mon
     import torch
     from torch._inductor import config as inductor_config
 
-    from harness.spliced import load_spliced
+    from harness.runtime.spliced import load_spliced
 
     monkeypatch.setattr(inductor_config.triton, "multi_kernel", 0)
     monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)

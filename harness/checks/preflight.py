@@ -1,142 +1,51 @@
-"""Pre-flight: run the spliced template briefly on CPU and refuse what cannot train.
+"""Pre-flight, the host side: one CPU stage through the runner the operator configured.
 
-A full test costs GPU-hours, so a submission that reaches the GPU stage must train. After
-the static checks, pre-flight imports the spliced file in a separate worker process (its
-module-level region code runs, `main()` does not), builds the template's own GPT at a tiny
-size and checks, each under a stable id:
+The checks themselves (interface, low-bit, one-path, gradients, compile, ddp, numerics) and
+the process that runs them live in harness.runtime.preflight, which is what the stage runs:
 
-  interface  BitLinear's constructor, weight and forward shapes; weight_quant and
-             activation_quant return (quantized, scale) pairs whose product approximates
-             the input (fail past PRODUCT_ERROR_BOUND after a per-row least-squares fit;
-             warn when only the raw product is far off, e.g. a scale applied twice)
-  low-bit    the operand that reaches every matmul of every BitLinear, captured at the torch
-             level in train() and eval(), has at most 4 levels per tensor/row/column/group
-  one-path   the same input gives the same output in train() and eval()
-  gradients  one backward gives every BitLinear weight, and every parameter the submission
-             added, a finite gradient that is not all zero
-  compile    torch.compile(fullgraph=True, backend="aot_eager") runs forward and backward
-             and agrees with eager; any graph break fails
-  ddp        the spliced template itself trains 10 iterations in two processes under
-             torchrun (gloo, CPU); every rank ends with the same parameters
-  numerics   that run's losses are finite and the last validation loss is not more than
-             MAX_VAL_LOSS_RISE above the first
+    python -m harness.runtime.preflight --spliced=WORK/custom_pretrain.py --work-dir=WORK ...
 
-The worker runs under a memory limit (RLIMIT_DATA) and the whole pre-flight under one
-wall-clock deadline; the process group is killed when it passes. The worker records when
-each check starts and ends, so a hang or an allocation without bound is reported as a
-failure of the check that was running. Statuses: pass, warn (allowed), fail (the
-submission's fault) and error (ours: the check itself could not run).
+Here the stage is built (the spliced text written into its work folder first, that folder
+its only writable mount and its working directory, no GPU, a time limit a margin above the
+pre-flight's own), handed to `runner.run`, and its report read back from WORK/preflight.json.
+So the submission's code runs where the operator chose: in the container, network off, with
+--runner docker; on the host, as the local runner says on stderr, with --runner local.
+
+Whatever goes wrong around the checks is ours, never the submission's: a stage that did not
+start, one the runner classed `infra` (the OOM killer, a kill from outside, a daemon
+failure), one our own time limit had to stop, or one that left no readable report gives a
+report whose first check is `error` (exit 3, nothing charged) and the rest not run.
+
+The report is written inside the sandbox the submission's code runs in, so that code could
+forge it: that only skips a free courtesy check; it fakes no score (docs/security.md).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import os
-import re
-import shutil
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import harness
-from harness.paths import sha256_bytes
-from harness.runners.local import scrubbed_env
+from harness.runners.base import Mount, Runner, StageRun, StageSpec
+from harness.runtime.preflight import (
+    CHECK_IDS,
+    REPORT_FILE,
+    CheckResult,
+    PreflightReport,
+)
+from harness.runtime.procs import KILL_GRACE_S
 from harness.task import TaskSpec
 
-CHECK_IDS = ("interface", "low-bit", "one-path", "gradients", "compile", "ddp", "numerics")
-WORKER_CHECKS = CHECK_IDS[:5]
-
-# The tiny GPT every check builds: the template's own model code, small enough for seconds
-# on a CPU. 48 tokens per batch is no dimension of any layer, so an activation can never be
-# mistaken for a weight by its shape.
-TINY_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32, "vocab_size": 512,
-              "dropout": 0.0, "bias": False}
-TINY_BATCH, TINY_TOKENS = 2, 24
-# ||q * s - w|| / ||w|| after the best per-row scalar fit may not exceed this: ternary
-# quantization of a Gaussian is ~0.5 off, binary ~0.6, int2 ~0.4.
-PRODUCT_ERROR_BOUND = 0.9
-# The short DDP run may learn nothing (a long warmup in CONFIG_OVERRIDES), but its last
-# validation loss may not end this far above the first: that is divergence.
-MAX_VAL_LOSS_RISE = 0.5
-DDP_PROCESSES = 2
-DDP_ARGS = (
-    "--max_iters=10", "--eval_interval=5", "--eval_iters=2", "--log_interval=1",
-    "--batch_size=4", "--gradient_accumulation_steps=2", "--compile=false",
-    "--dtype=float32", "--device=cpu", "--backend=gloo", "--learning_rate=1e-2",
-    "--min_lr=1e-3", "--warmup_iters=2", "--save_checkpoint=false",
-)
-# A repeating cycle of this many distinct tokens: learnable in a few steps.
-DDP_CYCLE = 50
-KILL_GRACE_S = 5.0
-
-
-@dataclass
-class CheckResult:
-    id: str
-    status: str  # pass | warn | fail | error
-    duration_s: float
-    reason: str  # one line
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def render(self) -> str:
-        return f"{self.status.upper():<5} {self.id:<9} {self.duration_s:5.1f}s  {self.reason}"
-
-
-@dataclass
-class PreflightReport:
-    checks: list[CheckResult] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)  # not run: an earlier check stopped them
-
-    @property
-    def ok(self) -> bool:
-        return bool(self.checks) and not self.skipped and not self.failed
-
-    @property
-    def failed(self) -> list[CheckResult]:
-        return [c for c in self.checks if c.status in ("fail", "error")]
-
-    @property
-    def duration_s(self) -> float:
-        return round(sum(c.duration_s for c in self.checks), 3)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "duration_s": self.duration_s,
-                "checks": [asdict(c) for c in self.checks], "skipped": list(self.skipped)}
-
-    def summary(self) -> dict[str, Any]:
-        """to_dict() without the per-check details: what result.json keeps."""
-        out = self.to_dict()
-        out["checks"] = [{k: v for k, v in c.items() if k != "details"} for c in out["checks"]]
-        return out
-
-    def render(self) -> str:
-        lines = [c.render() for c in self.checks]
-        if self.ok:
-            warned = sum(c.status == "warn" for c in self.checks)
-            note = f" ({warned} with a warning)" if warned else ""
-            lines.append(f"pre-flight passed: {len(self.checks)} checks in "
-                         f"{self.duration_s:.1f}s{note}")
-        else:
-            ids = ", ".join(c.id for c in self.failed) or "no check ran"
-            lines.append(f"pre-flight failed: {ids}")
-        if self.skipped:
-            lines.append(f"not run: {', '.join(self.skipped)} (stopped by the failure above)")
-        return "\n".join(lines)
-
-    def get(self, check_id: str) -> CheckResult | None:
-        return next((c for c in self.checks if c.id == check_id), None)
-
-
-def result_from_dict(d: dict[str, Any]) -> CheckResult:
-    return CheckResult(str(d["id"]), str(d["status"]), float(d["duration_s"]),
-                       str(d["reason"]), dict(d.get("details") or {}))
+STAGE = "preflight"
+ORCHESTRATOR = "harness.runtime.preflight"
+# The runner's own time limit is the pre-flight's plus this: the orchestrator stops at its
+# deadline and kills the worker's and then torchrun's trees (a grace each), then writes the
+# report; the runner's watchdog is only the backstop for an orchestrator that hangs.
+STAGE_MARGIN_S = 2 * KILL_GRACE_S + 30.0
 
 
 def full_size_shapes(task: TaskSpec) -> list[tuple[int, int]]:
@@ -153,372 +62,83 @@ def full_size_shapes(task: TaskSpec) -> list[tuple[int, int]]:
     return [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d), (vocab, d)]
 
 
-# --- running the pieces -------------------------------------------------------------------
+def _env(runner: Runner) -> dict[str, str]:
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
+                                             str(min(4, os.cpu_count() or 1)))}
+    if runner.name == "local":
+        # The host's Python imports harness from this checkout, wherever the stage runs
+        # (the local runner passes no PYTHONPATH of its own); an image has harness installed.
+        env["PYTHONPATH"] = str(Path(harness.__file__).resolve().parent.parent)
+    return env
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))  # NaN and Infinity parse as floats
-            except ValueError:
-                break  # a torn last line from a killed run
-    return rows
+def build(task: TaskSpec, *, work_dir: Path, runner: Runner, timeout_s: float,
+          memory_mb: int, checks: Sequence[str], python: str = sys.executable) -> StageSpec:
+    """The pre-flight stage for the spliced script already written into work_dir."""
+    script = work_dir / task.template
+    argv = [python, "-m", ORCHESTRATOR, f"--spliced={script}", f"--work-dir={work_dir}",
+            f"--timeout-s={timeout_s:g}", f"--memory-mb={memory_mb}",
+            *(f"--full-shape={o}x{i}" for o, i in full_size_shapes(task)),
+            *(f"--check={c}" for c in checks), f"--report={work_dir / REPORT_FILE}"]
+    return StageSpec(name=STAGE, argv=tuple(argv), cwd=work_dir, log_dir=work_dir,
+                     timeout_s=timeout_s + STAGE_MARGIN_S, env=_env(runner),
+                     mounts=(Mount(work_dir, str(work_dir), writable=True),), gpus=0,
+                     job_name="harness-preflight")
 
 
-def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL, to the process group and to every descendant.
-
-    torchrun starts its ranks in sessions of their own, so the group alone misses them;
-    they are found through /proc before anything is signalled, and signalled only while
-    their start time still matches (a pid freed meanwhile may belong to someone else)."""
-    victims: dict[int, str] = {}
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        # Again before SIGKILL, for a rank started meanwhile (orphans are no longer found).
-        victims.update(_descendants(proc.pid))
-        for pid, started in victims.items():
-            if _start_time(pid) == started:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=KILL_GRACE_S)
-            if sig == signal.SIGTERM:
-                time.sleep(0.2)  # let a launcher's own SIGTERM handler reap its ranks
-        except subprocess.TimeoutExpired:
-            continue
+def _ours(checks: Sequence[str], reason: str, run: StageRun | None) -> PreflightReport:
+    """A report that says only that our side failed: the first check `error`, the rest not
+    run, so that the submission is neither cleared nor refused."""
+    details: dict[str, Any] = {}
+    if run is not None:
+        details = {"stage_stderr_tail": run.stderr_tail()}
+    first = checks[0]
+    return PreflightReport([CheckResult(first, "error", round(run.wall_s, 3) if run else 0.0,
+                                        reason, details)],
+                           skipped=[c for c in checks if c != first],
+                           runner=dict(run.info) if run is not None else {})
 
 
-def _stat_fields(pid: int | str) -> list[str] | None:
-    """/proc/<pid>/stat after the command name (which may hold spaces): state, ppid, ..."""
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def _start_time(pid: int) -> str | None:
-    fields = _stat_fields(pid)
-    return fields[19] if fields and len(fields) > 19 else None  # field 22 of stat
-
-
-def _descendants(root: int) -> dict[int, str]:
-    """Every descendant of root, with its start time."""
-    children: dict[int, list[int]] = {}
-    started: dict[int, str] = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        fields = _stat_fields(entry.name)
-        if fields is None or len(fields) < 20:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
-        started[int(entry.name)] = fields[19]
-    found: dict[int, str] = {}
-    todo = [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found[child] = started[child]
-            todo.append(child)
-    return found
-
-
-@dataclass
-class ProcessRun:
-    returncode: int | None
-    timed_out: bool
-    wall_s: float
-    log: Path
-
-    def tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-
-def _env() -> dict[str, str]:
-    # The worker imports harness from this checkout, wherever it runs.
-    root = str(Path(harness.__file__).resolve().parent.parent)
-    return scrubbed_env({"PYTHONPATH": root, "OMP_NUM_THREADS": os.environ.get(
-        "OMP_NUM_THREADS", str(min(4, os.cpu_count() or 1)))})
-
-
-def _run(argv: Sequence[str], *, cwd: Path, log: Path, deadline: float,
-         env: dict[str, str]) -> ProcessRun:
-    t0 = time.monotonic()
-    with log.open("wb") as out:
-        proc = subprocess.Popen(list(argv), cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-        try:
-            rc: int | None = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            _kill_tree(proc)
-            rc, timed_out = proc.returncode, True
-        except BaseException:
-            _kill_tree(proc)
-            raise
-    return ProcessRun(rc, timed_out, time.monotonic() - t0, log)
-
-
-def _limited(memory_mb: int, argv: Sequence[str]) -> list[str]:
-    """argv run under the memory limit, set by the worker module before it execs argv."""
-    return [sys.executable, "-m", "harness.checks.preflight_worker", "exec",
-            f"--memory-mb={memory_mb}", "--", *argv]
-
-
-# --- the worker (checks 1-5) --------------------------------------------------------------
-
-
-@dataclass
-class _Started:
-    id: str
-    at: float  # time.time() in the worker when the check started
-
-
-def _read_progress(path: Path) -> tuple[list[CheckResult], _Started | None, bool]:
-    """Finished checks, the check that started but never finished, and whether the worker
-    said it was done (it stops early on purpose after some failures)."""
-    done: list[CheckResult] = []
-    running: _Started | None = None
-    for event in _read_jsonl(path):
-        if event.get("event") == "start":
-            running = _Started(str(event["id"]), float(event["t"]))
-        elif event.get("event") == "result":
-            done.append(result_from_dict(event))
-            running = None
-        elif event.get("event") == "end":
-            return done, None, True
-    return done, running, False
-
-
-def _worker_stopped(run: ProcessRun, started: _Started, timeout_s: float,
-                    memory_mb: int) -> CheckResult:
-    running = started.id
-    elapsed = round(max(0.0, time.time() - started.at), 3)
-    tail = {"worker_log_tail": run.tail()}
+def collect(run: StageRun, work_dir: Path, checks: Sequence[str], *,
+            runner_name: str = "") -> PreflightReport:
+    """The report the stage wrote, or one of ours (see the module docstring)."""
+    if not run.started:
+        return _ours(checks, f"the pre-flight stage did not start: {run.error}", run)
+    if run.infra:
+        return _ours(checks, f"the pre-flight stage was stopped by {run.infra}", run)
     if run.timed_out:
-        return CheckResult(running, "fail", elapsed,
-                           f"still running when the {timeout_s:.0f}s pre-flight time limit "
-                           "ran out: the submission hangs or is far too slow", tail)
-    rc = run.returncode
-    if rc is not None and rc < 0:
-        name = signal.Signals(-rc).name
-        hint = (f" (the memory limit is {memory_mb} MiB)" if -rc in (signal.SIGKILL,
-                                                                     signal.SIGSEGV) else "")
-        return CheckResult(running, "fail", elapsed,
-                           f"the worker process died of {name} during this check{hint}", tail)
-    return CheckResult(running, "error", elapsed,
-                       f"the worker exited with code {rc} during this check", tail)
-
-
-def _run_worker(script: Path, work_dir: Path, deadline: float, timeout_s: float,
-                memory_mb: int, shapes: list[tuple[int, int]],
-                checks: list[str]) -> list[CheckResult]:
-    progress = work_dir / "progress.jsonl"
-    progress.unlink(missing_ok=True)
-    argv = [sys.executable, "-m", "harness.checks.preflight_worker", "run",
-            f"--spliced={script}", f"--progress={progress}", f"--memory-mb={memory_mb}",
-            *(f"--full-shape={o}x{i}" for o, i in shapes), *(f"--check={c}" for c in checks)]
-    run = _run(argv, cwd=work_dir, log=work_dir / "worker.log", deadline=deadline, env=_env())
-    done, running, ended = _read_progress(progress)
-    if running is not None:
-        done.append(_worker_stopped(run, running, timeout_s, memory_mb))
-    elif not ended:
-        # Between checks only harness code runs (imports, start-up): ours, not the
-        # submission's, even on a timeout.
-        nxt = checks[min(len(done), len(checks) - 1)]
-        why = "the time limit ran out" if run.timed_out else f"exit code {run.returncode}"
-        done.append(CheckResult(nxt, "error", round(run.wall_s, 3),
-                                f"the pre-flight worker stopped before this check started "
-                                f"({why})", {"worker_log_tail": run.tail()}))
-    return done
-
-
-# --- ddp and numerics: the template itself under torchrun ---------------------------------
-
-
-def write_ddp_data(root: Path) -> Path:
-    """Token shards in the template's format: a fixed permutation of DDP_CYCLE tokens,
-    repeated, inside the tiny vocabulary (numpy is not needed for uint16 little-endian)."""
-    root.mkdir(parents=True, exist_ok=True)
-    vocab = int(TINY_MODEL["vocab_size"])
-    cycle = [(7 + 37 * k) % vocab for k in range(DDP_CYCLE)]
-    splits = {}
-    for split, repeats in (("train", 200), ("val", 40)):
-        tokens = cycle * repeats
-        name = f"{split}_000000.bin"
-        raw = b"".join(t.to_bytes(2, "little") for t in tokens)
-        (root / name).write_bytes(raw)
-        splits[split] = [{"file": name, "tokens": len(tokens), "sha256": sha256_bytes(raw)}]
-    manifest = {"format": "harness-token-shards/1",
-                "tokenizer": {"name": "gpt2", "dtype": "uint16", "vocab_size": vocab,
-                              "eot": vocab - 1},
-                "splits": splits}
-    (root / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
-    return root
-
-
-def _ddp_argv(script: Path, data: Path, out: Path, memory_mb: int) -> list[str]:
-    model = [f"--{k}={str(v).lower() if isinstance(v, bool) else v}"
-             for k, v in TINY_MODEL.items()]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={DDP_PROCESSES}", str(script), *model, *DDP_ARGS,
-                f"--data_dir={data}", f"--out_dir={out}"]
-    # Per process: the launcher and each rank inherit the limit, so split it between ranks.
-    return _limited(max(1024, memory_mb // DDP_PROCESSES), torchrun)
-
-
-_EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(: .*|Error|Exception|Exit|Interrupt)")
-
-
-def exception_line(message: str) -> str:
-    """The line that names the exception ("RuntimeError: ...") in a recorded traceback.
-
-    Multi-line messages (DDP's) continue below that line, so it is searched from the end
-    for the last unindented `Name: text` line; the first line of a traceback says nothing."""
-    lines = [ln for ln in message.splitlines() if ln.strip()]
-    for line in reversed(lines):
-        if _EXCEPTION_LINE.fullmatch(line):
-            return _clip(line)
-    return _clip(lines[-1]) if lines else "?"
-
-
-def _clip(line: str, limit: int = 240) -> str:
-    """At most `limit` characters, cut after a whole sentence where there is one."""
-    if len(line) <= limit:
-        return line
-    cut = line.rfind(". ", 0, limit)
-    return line[:cut + 1] if cut > 0 else line[:limit - 3] + "..."
-
-
-def _error_records(out: Path) -> list[dict[str, Any]]:
-    found = []
-    for path in sorted(out.glob("error_rank*.json")):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict):
-            found.append({"file": path.name, **data})
-    return found
-
-
-def judge_ddp(run: ProcessRun, out: Path) -> CheckResult:
-    wall = round(run.wall_s, 3)
-    errors = _error_records(out)
-    if run.timed_out:
-        # Before the error records: ranks stopped by our signals may leave some behind.
-        return CheckResult("ddp", "fail", wall, "still running when the pre-flight time limit "
-                           "ran out: the submission hangs or is far too slow",
-                           {"log_tail": run.tail(), "error_records": errors})
-    if errors:
-        first = errors[0]
-        message = str(first.get("message", ""))
-        details = {"traceback": message, "file": first["file"]}
-        status = "error" if first.get("kind") in ("config", "data") else "fail"
-        return CheckResult("ddp", status, wall,
-                           f"{first['file'].removesuffix('.json')}: {exception_line(message)}",
-                           details)
-    tail = {"log_tail": run.tail()}
-    if run.returncode != 0:
-        return CheckResult("ddp", "fail", wall,
-                           f"torchrun exited with code {run.returncode} without an error record",
-                           tail)
+        return _ours(checks, f"the pre-flight stage outlived its {run.wall_s:.0f}s limit "
+                             "(its own deadline should have stopped it first)", run)
     try:
-        final = json.loads((out / "final.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return CheckResult("ddp", "error", wall, "torchrun exited 0 without final.json", tail)
-    sums = final.get("rank_param_checksums") or []
-    details = {"world_size": final.get("world_size"), "rank_param_checksums": sums}
-    if final.get("world_size") != DDP_PROCESSES or len(sums) != DDP_PROCESSES:
-        return CheckResult("ddp", "fail", wall,
-                           f"world_size {final.get('world_size')} with {len(sums)} checksum(s), "
-                           f"expected {DDP_PROCESSES}", details)
-    if len(set(sums)) != 1:
-        return CheckResult("ddp", "fail", wall, "ranks ended with different parameters "
-                           f"(checksums {sums}): DDP did not keep them in sync", details)
-    return CheckResult("ddp", "pass", wall,
-                       f"{DDP_PROCESSES} processes trained 10 iterations; parameters equal "
-                       "on every rank", details)
+        data = json.loads((work_dir / REPORT_FILE).read_text(encoding="utf-8"))
+        report = PreflightReport.from_dict(data)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return _ours(checks, f"the pre-flight stage left no readable report (exit code "
+                             f"{run.returncode}; {type(e).__name__}: {e})", run)
+    report.runner = {"name": runner_name, **run.info}
+    return report
 
 
-def judge_numerics(out: Path, ddp: CheckResult) -> CheckResult | None:
-    """Finite losses and no divergence, from the DDP run's metrics.jsonl (and train_log.jsonl,
-    every iteration's train loss, where the template writes one). None: nothing to judge
-    because the run failed early (the ddp check says why)."""
-    t0 = time.monotonic()
-    rows = _read_jsonl(out / "metrics.jsonl")
-    logged = _read_jsonl(out / "train_log.jsonl")
-    losses = [(r.get("step"), key, r.get(key)) for r in rows + logged
-              for key in ("train_loss", "val_loss") if r.get(key) is not None]
-    vals = [float(r["val_loss"]) for r in rows if r.get("val_loss") is not None]
-
-    def done(status: str, reason: str) -> CheckResult:
-        return CheckResult("numerics", status, round(time.monotonic() - t0, 3), reason,
-                           {"curve": rows})
-
-    bad = [(s, k, v) for s, k, v in losses
-           if not (isinstance(v, (int, float)) and math.isfinite(v))]
-    if bad:
-        step, key, value = bad[0]
-        return done("fail", f"{key} is {value} at step {step}")
-    if len(vals) < 2:
-        if ddp.status != "pass":
-            return None
-        return done("fail", f"the DDP run left {len(vals)} evaluation(s), expected 3")
-    if vals[-1] > vals[0] + MAX_VAL_LOSS_RISE:
-        return done("fail", f"val_loss rose from {vals[0]:.3f} to {vals[-1]:.3f} in 10 "
-                    f"iterations (more than {MAX_VAL_LOSS_RISE} up): training diverges")
-    return done("pass", f"losses finite; val_loss {vals[0]:.3f} -> {vals[-1]:.3f}")
-
-
-def _run_ddp(script: Path, work_dir: Path, deadline: float, memory_mb: int) -> list[CheckResult]:
-    data = write_ddp_data(work_dir / "data")
-    out = work_dir / "ddp"
-    shutil.rmtree(out, ignore_errors=True)  # a reused work_dir must not judge old files
-    out.mkdir()
-    env = {**_env(), "OMP_NUM_THREADS": "1"}  # two ranks share the cores
-    run = _run(_ddp_argv(script, data, out, memory_mb), cwd=work_dir, log=out / "torchrun.log",
-               deadline=deadline, env=env)
-    ddp = judge_ddp(run, out)
-    numerics = judge_numerics(out, ddp)
-    return [ddp] if numerics is None else [ddp, numerics]
-
-
-# --- the API ------------------------------------------------------------------------------
-
-
-def run_preflight(task: TaskSpec, spliced: str, *, work_dir: Path, timeout_s: float = 120,
-                  memory_mb: int = 6144,
+def run_preflight(task: TaskSpec, spliced: str, *, runner: Runner, work_dir: Path,
+                  timeout_s: float = 120, memory_mb: int = 6144,
                   checks: Sequence[str] = CHECK_IDS) -> PreflightReport:
     """Run the pre-flight checks (all by default) on a spliced template that passed the
-    static checks; work_dir receives the script, the logs and the DDP run's files."""
+    static checks, as one stage through `runner`.
+
+    work_dir receives the script, the logs, the DDP run's files and the report; it is the
+    stage's working directory and only writable mount, so the runner must be able to mount
+    it: a path on the Docker host for docker, on the shared filesystem for slurm (the job
+    runs on a compute node)."""
     unknown = sorted(set(checks) - set(CHECK_IDS))
     if unknown:
         raise ValueError(f"unknown pre-flight check(s) {unknown}; known: {CHECK_IDS}")
+    wanted = [c for c in CHECK_IDS if c in checks]
+    if not wanted:
+        return PreflightReport()
     work_dir.mkdir(parents=True, exist_ok=True)
     work_dir = work_dir.resolve()
-    script = work_dir / task.template
-    script.write_text(spliced, encoding="utf-8")
-    deadline = time.monotonic() + timeout_s
-    results: list[CheckResult] = []
-    in_worker = [c for c in WORKER_CHECKS if c in checks]
-    if in_worker:
-        results += _run_worker(script, work_dir, deadline, timeout_s, memory_mb,
-                               full_size_shapes(task), in_worker)
-    # The worker stops early on a broken interface, a memory limit, a crash or the deadline;
-    # the DDP run would then only fail the same way, later.
-    complete = len(results) == len(in_worker)
-    if {"ddp", "numerics"} & set(checks) and complete:
-        if time.monotonic() < deadline - 1.0:
-            results += [r for r in _run_ddp(script, work_dir, deadline, memory_mb)
-                        if r.id in checks]
-        else:
-            results.append(CheckResult("ddp", "fail", 0.0, "not started: the earlier checks "
-                                       f"used up the {timeout_s:.0f}s pre-flight time limit"))
-    done = {r.id for r in results}
-    return PreflightReport(results, skipped=[c for c in CHECK_IDS if c in checks
-                                             and c not in done])
+    (work_dir / REPORT_FILE).unlink(missing_ok=True)  # a reused work_dir must not answer
+    (work_dir / task.template).write_text(spliced, encoding="utf-8")
+    spec = build(task, work_dir=work_dir, runner=runner, timeout_s=timeout_s,
+                 memory_mb=memory_mb, checks=wanted)
+    return collect(runner.run(spec), work_dir, wanted, runner_name=runner.name)

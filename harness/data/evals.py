@@ -21,85 +21,32 @@ from the smoke corpus's held-out documents, so the whole eval path runs with no 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
-import os
 import random
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from harness import __version__
 from harness.errors import UserError
+from harness.runtime.evalsets import (
+    FORMAT,
+    MANIFEST_NAME,
+    TASK_NAMES,
+    TASKS,
+    YAML_DIR,
+    EvalTask,
+    lm_eval_tasks_dir,
+    read_manifest,
+    verify,
+    write_task_yamls,
+)
+from harness.runtime.fileio import atomic_write_bytes, sha256_file
 
-FORMAT = "harness-evalsets/1"
-MANIFEST_NAME = "manifest.json"
-YAML_DIR = "tasks"
-TASK_PREFIX = "harness_"
-# Our tasks carry their own tag: inheriting lm-eval's (e.g. `lambada`, `ai2_arc`) would
-# replace those built-in tags in a TaskManager that indexes both directories.
-TAG = "harness_evals"
 SOURCE_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
-_FIX_PREPARE = "prepare the eval sets again (`harness data prepare evals`)"
 
 Row = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class EvalTask:
-    """One lm-eval task as we lay it out: which split it scores and what a document holds."""
-
-    name: str  # lm-eval's task name
-    yaml: str  # its definition, relative to lm_eval/tasks
-    split: str  # the split lm-eval scores (test_split, else validation_split)
-    fields: tuple[tuple[str, str], ...]  # required fields: (name, kind)
-    hf_dataset: str
-    hf_config: str | None
-    full_docs: int  # documents in the full split
-    path_pattern: str  # regex on a source file's lowercased path naming this dataset
-    split_pattern: str  # regex on the same path naming the scored split
-    exclude_pattern: str = r"(?!)"  # regex that rules a path out
-
-    @property
-    def harness_task(self) -> str:
-        return TASK_PREFIX + self.name
-
-    @property
-    def rel_file(self) -> str:
-        return f"{self.name}/{self.split}.jsonl"
-
-
-_SPLIT_TEST = r"(^|[/_.-])test([/_.-]|$)"
-_SPLIT_VAL = r"(^|[/_.-])(validation|valid|val|dev)([/_.-]|$)"
-
-TASKS: tuple[EvalTask, ...] = (
-    EvalTask("wikitext", "wikitext/wikitext.yaml", "test", (("page", "str"),),
-             "EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", 62,
-             r"wikitext-2-raw-v1", _SPLIT_TEST),
-    EvalTask("lambada_openai", "lambada/lambada_openai.yaml", "test", (("text", "str"),),
-             "EleutherAI/lambada_openai", "default", 5153,
-             r"lambada_openai|lambada-openai|lambada_test(_en)?\.jsonl$", _SPLIT_TEST,
-             # The multilingual translations live beside the English set.
-             r"(^|[/_.-])(de|es|fr|it)([/_.-]|$)"),
-    EvalTask("arc_easy", "arc/arc_easy.yaml", "test",
-             (("id", "str"), ("question", "str"), ("choices", "choices"),
-              ("answerKey", "str")),
-             "allenai/ai2_arc", "ARC-Easy", 2376, r"arc[-_]easy", _SPLIT_TEST),
-    EvalTask("hellaswag", "hellaswag/hellaswag.yaml", "validation",
-             (("activity_label", "str"), ("ctx_a", "str"), ("ctx_b", "str"), ("ctx", "str"),
-              ("endings", "str_list"), ("label", "label")),
-             "Rowan/hellaswag", None, 10042, r"hellaswag", _SPLIT_VAL),
-    EvalTask("piqa", "piqa/piqa.yaml", "validation",
-             (("goal", "str"), ("sol1", "str"), ("sol2", "str"), ("label", "int")),
-             "baber/piqa", None, 1838, r"piqa", _SPLIT_VAL),
-    EvalTask("winogrande", "winogrande/default.yaml", "validation",
-             (("sentence", "str"), ("option1", "str"), ("option2", "str"), ("answer", "str")),
-             "allenai/winogrande", "winogrande_xl", 1267, r"winogrande", _SPLIT_VAL,
-             r"winogrande_(xs|s|m|l|debiased)([/_.-]|$)"),
-)
-TASK_NAMES: tuple[str, ...] = tuple(t.name for t in TASKS)
 
 
 def get_task(name: str) -> EvalTask:
@@ -296,20 +243,6 @@ def _jsonl_bytes(rows: Iterable[Row]) -> bytes:
 
 # --- writing a prepared directory -------------------------------------------------------------
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def write_sets(out_dir: Path, sets: Mapping[str, Sequence[Row]], *, kind: str,
                source: dict[str, Any], origins: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
     """Write every task's JSONL, the YAMLs (when lm-eval is installed), then the manifest."""
@@ -322,7 +255,7 @@ def write_sets(out_dir: Path, sets: Mapping[str, Sequence[Row]], *, kind: str,
         rows = sets[task.name]
         validate_rows(task, rows, where=f"{kind} set {task.name}")
         data = _jsonl_bytes(rows)
-        _atomic_write(out_dir / task.rel_file, data)
+        atomic_write_bytes(out_dir / task.rel_file, data)
         entries[task.name] = {
             "task": task.harness_task, "lm_eval_task": task.name, "split": task.split,
             "file": task.rel_file, "sha256": hashlib.sha256(data).hexdigest(),
@@ -333,7 +266,7 @@ def write_sets(out_dir: Path, sets: Mapping[str, Sequence[Row]], *, kind: str,
                                 "tasks": entries, "created_by": f"harness {__version__}"}
     if lm_eval_tasks_dir() is not None:
         write_task_yamls(out_dir, out_dir / YAML_DIR, manifest)
-    _atomic_write(out_dir / MANIFEST_NAME,
+    atomic_write_bytes(out_dir / MANIFEST_NAME,
                   (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     return manifest
 
@@ -354,7 +287,7 @@ def prepare_from_source(out_dir: Path, source: Path | None,
         path, rows = _source_rows(task, source, files.get(task.name))
         sets[task.name] = rows
         origins[task.name] = {"source_file": str(path.resolve()),
-                              "source_sha256": _sha256_file(path)}
+                              "source_sha256": sha256_file(path)}
         if len(rows) != task.full_docs:
             print(f"note: {task.name}: {len(rows)} documents, the full split has "
                   f"{task.full_docs}")
@@ -371,89 +304,6 @@ def _source_rows(task: EvalTask, source: Path | None,
     if source is None:
         raise UserError(f"no file for {task.name}", fix="pass --source DIR or --file TASK=PATH")
     return select_source(task, Path(source))
-
-
-# --- reading a prepared directory -------------------------------------------------------------
-
-def read_manifest(evals_dir: Path) -> dict[str, Any]:
-    """The manifest of a prepared eval-set directory, its structure checked."""
-    path = Path(evals_dir) / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError("no manifest.json: not a prepared eval-set directory",
-                        where=str(evals_dir), fix=_FIX_PREPARE) from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read the manifest: {e}", where=str(path),
-                        fix=_FIX_PREPARE) from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise UserError(f"not a {FORMAT} manifest", where=str(path), fix=_FIX_PREPARE)
-    tasks = manifest.get("tasks")
-    if not isinstance(tasks, dict) or sorted(tasks) != sorted(TASK_NAMES):
-        raise UserError(f"the manifest must list exactly the tasks {', '.join(TASK_NAMES)}",
-                        where=str(path), fix=_FIX_PREPARE)
-    return manifest
-
-
-def verify(evals_dir: Path) -> list[str]:
-    """Re-hash every eval file against the manifest; the problems found (empty: all good)."""
-    manifest = read_manifest(evals_dir)
-    problems = []
-    for name, entry in sorted(manifest["tasks"].items()):
-        path = Path(evals_dir) / entry["file"]
-        if not path.is_file():
-            problems.append(f"{entry['file']}: missing")
-        elif _sha256_file(path) != entry["sha256"]:
-            problems.append(f"{entry['file']}: sha256 differs from the manifest ({name})")
-    return problems
-
-
-def manifest_sha256(evals_dir: Path) -> str:
-    return _sha256_file(Path(evals_dir) / MANIFEST_NAME)
-
-
-def lm_eval_tasks_dir() -> Path | None:
-    """lm-eval's installed task definitions, found without importing lm_eval (slow)."""
-    spec = importlib.util.find_spec("lm_eval")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "tasks"
-    return path if path.is_dir() else None
-
-
-def task_yaml(task: EvalTask, data_file: Path, lm_eval_tasks: Path) -> dict[str, Any]:
-    """Our task: lm-eval's definition, reading `data_file` as the only (scored) split."""
-    return {
-        "include": str(lm_eval_tasks / task.yaml),
-        "task": task.harness_task,
-        "tag": [TAG],
-        "dataset_path": "json",
-        "dataset_name": None,
-        "dataset_kwargs": {"data_files": {task.split: str(data_file)}},
-        "training_split": None,
-        "validation_split": task.split if task.split == "validation" else None,
-        "test_split": task.split if task.split == "test" else None,
-        # Few-shot examples would come from a training split these sets do not carry.
-        "num_fewshot": 0,
-    }
-
-
-def write_task_yamls(evals_dir: Path, yaml_dir: Path,
-                     manifest: Mapping[str, Any] | None = None) -> dict[str, Path]:
-    """Write one YAML per task into `yaml_dir` (JSON is YAML); returns task -> path."""
-    tasks_dir = lm_eval_tasks_dir()
-    if tasks_dir is None:
-        raise UserError("lm-eval is not installed", fix="pip install 'lm-eval==0.4.13'")
-    evals_dir = Path(evals_dir).resolve()
-    manifest = manifest or read_manifest(evals_dir)
-    written = {}
-    for task in TASKS:
-        entry = manifest["tasks"][task.name]
-        config = task_yaml(task, evals_dir / entry["file"], tasks_dir)
-        path = Path(yaml_dir) / f"{task.harness_task}.yaml"
-        _atomic_write(path, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
-        written[task.name] = path
-    return written
 
 
 # --- smoke sets ------------------------------------------------------------------------------
@@ -620,7 +470,7 @@ def val_documents(corpus_dir: Path) -> list[str]:
     import numpy as np
 
     from harness.data.shards import decode_split
-    from harness.data.tokenizer import EOT, gpt2_encoding
+    from harness.runtime.tokenizer import EOT, gpt2_encoding
 
     tokens = decode_split(Path(corpus_dir), "val")
     ends = np.flatnonzero(tokens == EOT)
@@ -629,34 +479,28 @@ def val_documents(corpus_dir: Path) -> list[str]:
     return [encoding.decode(tokens[s:e].tolist()) for s, e in zip(starts, ends, strict=True)]
 
 
+# What a rebuilt set would differ in: a manifest that matches on these is reused.
+_SOURCE_KEYS = ("kind", "version", "docs_per_task", "corpus_manifest_sha256")
+
+
 def prepare_smoke_evals(out_dir: Path, corpus_dir: Path, *,
                         docs: int = SMOKE_DOCS) -> dict[str, Any]:
     """Smoke eval sets from the held-out documents of the prepared smoke corpus. Idempotent:
     an intact directory built from the same corpus with the same settings is kept."""
     from harness.data.shards import read_manifest as read_shards_manifest
+    from harness.data.shards import reusable_manifest
 
     read_shards_manifest(corpus_dir)  # a clear error when the corpus is not prepared
     source = {"kind": "smoke", "version": SMOKE_VERSION, "docs_per_task": docs,
               "corpus_dir": str(Path(corpus_dir).resolve()),
-              "corpus_manifest_sha256": _sha256_file(Path(corpus_dir) / "manifest.json"),
+              "corpus_manifest_sha256": sha256_file(Path(corpus_dir) / "manifest.json"),
               "rule": "held-out (val) documents of the smoke corpus; multiple-choice items "
                       "pit a document's true continuation against spans of other documents"}
-    existing = _reusable(Path(out_dir), source)
+    existing = reusable_manifest(Path(out_dir), source, _SOURCE_KEYS,
+                                 read=read_manifest, check=verify)
     if existing is not None:
         return existing
     sets = smoke_sets(val_documents(corpus_dir), docs)
     return write_sets(out_dir, sets, kind="smoke", source=source, origins={})
 
 
-def _reusable(out_dir: Path, source: dict[str, Any]) -> dict[str, Any] | None:
-    if not (out_dir / MANIFEST_NAME).is_file():
-        return None
-    try:
-        manifest = read_manifest(out_dir)
-        if verify(out_dir):
-            return None
-    except UserError:
-        return None
-    keys = ("kind", "version", "docs_per_task", "corpus_manifest_sha256")
-    old = manifest.get("source", {})
-    return manifest if all(old.get(k) == source[k] for k in keys) else None

@@ -41,11 +41,10 @@ from harness.data.shards import (
     MANIFEST_NAME,
     ShardWriter,
     read_manifest,
-    sha256_file,
-    write_json_atomic,
 )
-from harness.data.tokenizer import encode_documents, gpt2_encoding, tokenizer_sha256
 from harness.errors import UserError
+from harness.runtime.fileio import atomic_write_json, sha256_file
+from harness.runtime.tokenizer import encode_documents, gpt2_encoding, tokenizer_sha256
 
 PROGRESS_NAME = "progress.json"
 PROGRESS_FORMAT = "harness-prepare-progress/1"
@@ -450,7 +449,7 @@ class _Run:
                     "next_unit": self.pos.next_unit, "rows": self.pos.rows,
                     "null_rows": self.pos.null_rows, "tokens": self.pos.tokens,
                     "writer": writer_state}
-        write_json_atomic(self.out_dir / PROGRESS_NAME, progress)
+        atomic_write_json(self.out_dir / PROGRESS_NAME, progress, sort_keys=False)
 
     def report(self) -> None:
         elapsed = max(time.perf_counter() - self.started, 1e-9)

@@ -20,8 +20,9 @@ import numpy as np
 import numpy.typing as npt
 
 from harness import __version__
-from harness.data.tokenizer import EOT, TOKENIZER_NAME, VOCAB_SIZE, tokenizer_sha256
 from harness.errors import UserError
+from harness.runtime.fileio import atomic_write_json, fsync_dir, sha256_file
+from harness.runtime.tokenizer import EOT, TOKENIZER_NAME, VOCAB_SIZE, tokenizer_sha256
 
 MANIFEST_FORMAT = "harness-token-shards/1"
 MANIFEST_NAME = "manifest.json"
@@ -180,7 +181,7 @@ class ShardWriter:
             "val_rule": self.val_rule,
             "created_by": f"harness {__version__}",
         }
-        write_json_atomic(self.out_dir / MANIFEST_NAME, manifest)
+        atomic_write_json(self.out_dir / MANIFEST_NAME, manifest, sort_keys=False)
         self._manifest = manifest
         return manifest
 
@@ -338,7 +339,7 @@ def _rewrite_tail(prev_path: Path, tail_path: Path, keep: int) -> None:
         os.replace(tmp, tail_path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(tail_path.parent)
+    fsync_dir(tail_path.parent)
 
 
 def _as_tokens(tokens: Sequence[int] | npt.NDArray[np.integer[Any]]) -> npt.NDArray[Any]:
@@ -355,45 +356,30 @@ def _as_tokens(tokens: Sequence[int] | npt.NDArray[np.integer[Any]]) -> npt.NDAr
     return arr
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    """Write JSON through a temporary file, fsync and os.replace: readers see old or new."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def reusable_manifest(out_dir: Path, source: dict[str, Any], keys: Sequence[str], *,
+                      read: Callable[[Path], dict[str, Any]] | None = None,
+                      check: Callable[[Path], list[str]] | None = None) -> dict[str, Any] | None:
+    """The manifest already in out_dir when it is intact (`check` finds no problem) and its
+    `source` matches `source` on `keys`; None means build it again. `read`/`check` default to
+    this module's; the eval sets pass their own."""
+    if not (out_dir / MANIFEST_NAME).is_file():
+        return None
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in `path` durable (best effort: not every platform can open a folder)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        manifest = (read or read_manifest)(out_dir)
+        if (check or verify)(out_dir):
+            return None
+    except UserError:
+        return None
+    old = manifest.get("source")
+    if not isinstance(old, dict) or any(old.get(k) != source[k] for k in keys):
+        return None
+    return manifest
 
 
 def read_manifest(data_dir: Path) -> dict[str, Any]:
     """The manifest of a data directory, its structure checked; UserError if missing/invalid."""
+    # Same shape as runtime.evalsets.read_manifest, on purpose: another format with its own
+    # messages, and that one runs inside the stage, where this module is not importable.
     path = Path(data_dir) / MANIFEST_NAME
     try:
         text = path.read_text(encoding="utf-8")

@@ -27,9 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.data.shards import MANIFEST_NAME, ShardWriter, read_manifest, verify
-from harness.data.tokenizer import EOT, gpt2_encoding
-from harness.errors import UserError
+from harness.data.shards import ShardWriter, reusable_manifest
+from harness.runtime.tokenizer import EOT, gpt2_encoding
 
 SOURCE_KIND = "python-stdlib-docstrings"
 MIN_CHARS = 50
@@ -167,21 +166,8 @@ def _val_rule(val_every: int) -> str:
             " == 0, else train")
 
 
-def _reusable(out_dir: Path, source: dict[str, Any]) -> dict[str, Any] | None:
-    """The manifest already in out_dir when it is intact and was built for the same settings."""
-    if not (out_dir / MANIFEST_NAME).exists():
-        return None
-    try:
-        manifest = read_manifest(out_dir)
-        if verify(out_dir):
-            return None
-    except UserError:
-        return None
-    old = manifest.get("source")
-    keys = ("kind", "python", "max_tokens", "val_every", "min_chars")
-    if not isinstance(old, dict) or any(old.get(k) != source[k] for k in keys):
-        return None
-    return manifest
+# What a rebuilt corpus would differ in: a manifest that matches on these is reused.
+_SOURCE_KEYS = ("kind", "python", "max_tokens", "val_every", "min_chars")
 
 
 def prepare_smoke(out_dir: Path, *, max_tokens: int = 2_000_000,
@@ -206,7 +192,7 @@ def prepare_smoke(out_dir: Path, *, max_tokens: int = 2_000_000,
         "val_every": val_every,
         "min_chars": MIN_CHARS,
     }
-    existing = _reusable(out_dir, source)
+    existing = reusable_manifest(out_dir, source, _SOURCE_KEYS)
     if existing is not None:
         return existing
 

@@ -66,7 +66,7 @@ class ApptainerRunner(StagedRunner):
 
     def image_sha256(self) -> str:
         # Hashing a multi-GB SIF takes seconds: once per image version, not per stage.
-        from harness.paths import sha256_file
+        from harness.runtime.fileio import sha256_file
 
         mtime = Path(self.settings.image).stat().st_mtime
         if self._digest is None or self._digest[0] != mtime:

@@ -21,19 +21,10 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
 
-
-class Outcome(str, Enum):
-    SUCCEEDED = "succeeded"
-    FAILED_SUBMISSION = "failed_submission"  # the submission's fault: charged
-    FAILED_INFRA = "failed_infra"  # ours: never charged
-    CANCELLED = "cancelled"  # stopped through the harness: never charged
-    # A rule broken at run time (frozen or torch code changed, a full-precision weight in a
-    # matmul, ranks that diverged, scores that disagree): charged, shown invalid, never ranked.
-    RULE_VIOLATION = "rule_violation"
+from harness.runtime.procs import log_tail
 
 
 @dataclass(frozen=True)
@@ -76,11 +67,7 @@ class StageRun:
     info: dict[str, Any] = field(default_factory=dict)  # job id, image digest, node...
 
     def stderr_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.stderr.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.stderr, lines)
 
 
 class Runner(Protocol):

@@ -17,20 +17,24 @@ the ledger refunds.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
 import signal
 import stat
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from harness.runners.base import Exit, Job, RunnerError, StagedRunner, StageSpec
+from harness.errors import InfraError
+from harness.runners.base import Exit, Job, Mount, RunnerError, StagedRunner, StageSpec
 from harness.runners.config import DockerSettings
 from harness.runners.local import container_env, scrubbed_env
+from harness.runtime.procs import outside_exit_code
 
 NOBODY = "65534:65534"
 TMPFS = "rw,exec,nosuid,nodev,size=4g,mode=1777"  # exec: torch.compile loads .so from /tmp
@@ -48,10 +52,10 @@ STOP_GRACE_S = 10
 RUNNING = ("created", "running", "paused", "restarting")
 MAX_POLL_ERRORS = 5
 LOG_JOIN_S = 10.0
-OUTSIDE_CODES = {128 + signal.SIGKILL: "SIGKILL", 128 + signal.SIGTERM: "SIGTERM"}
 _NAME_BAD = re.compile(r"[^a-zA-Z0-9_.-]")
 # (image id, with GPUs): images whose probe passed in this process (DockerRunner.verify).
 VERIFIED: set[tuple[str, bool]] = set()
+PROBE_TARGET = "/tmp/harness_image_probe.py"
 
 
 def _env(spec: StageSpec) -> tuple[dict[str, str], list[str]]:
@@ -164,10 +168,10 @@ def classify_exit(state: dict[str, Any], *, memory: str, killed_by_us: bool = Fa
     if outside_signal is not None:
         return Exit(returncode, infra=f"container killed from outside the harness "
                                       f"({outside_signal}, exit code {returncode})", info=info)
-    if returncode in OUTSIDE_CODES:
+    outside = outside_exit_code(returncode)
+    if outside is not None:
         return Exit(returncode, infra=f"container killed from outside the harness "
-                                      f"(exit code {returncode}: {OUTSIDE_CODES[returncode]})",
-                    info=info)
+                                      f"(exit code {returncode}: {outside})", info=info)
     return Exit(returncode, info=info)
 
 
@@ -300,7 +304,6 @@ class DockerRunner(StagedRunner):
         a broken image (no torch, wrong lm-eval, missing tokenizer files) is then our failure
         (refunded), not a stage that crashes and is charged to the submission."""
         from harness.errors import HarnessError
-        from harness.image import check_image
 
         image = self.image_info()
         key = (str(image["image_id"]), gpu)
@@ -476,3 +479,60 @@ class DockerRunner(StagedRunner):
             self._write_logs(run)
         with contextlib.suppress(Exception):
             run.container.remove(force=True)
+
+
+# --- checking an image (`harness image check`, DockerRunner.verify) ------------------------
+
+@dataclass
+class CheckReport:
+    image: str
+    image_id: str | None
+    ok: bool
+    checks: list[dict[str, Any]]
+    facts: dict[str, Any]
+    error: str | None = None  # the probe could not run at all
+
+    def render(self) -> str:
+        lines = [f"image {self.image}" + (f" ({self.image_id})" if self.image_id else "")]
+        if self.error:
+            lines.append(f"  MISSING  image: {self.error}")
+        for c in self.checks:
+            lines.append(f"  {'ok     ' if c['ok'] else 'MISSING'}  {c['id']}: {c['detail']}")
+        lines.append("all present" if self.ok else
+                     "missing: " + ", ".join([c["id"] for c in self.checks if not c["ok"]]
+                                             or ["image"]))
+        return "\n".join(lines)
+
+
+def check_image(image: str, *, gpu: bool = False,
+                settings: DockerSettings | None = None) -> CheckReport:
+    """Run the probe in the image through the docker runner (same sandbox as a stage)."""
+    from harness.envinfo import task_pins
+    from harness.runtime import image_probe
+
+    settings = replace(settings or DockerSettings(), image=image)
+    runner = DockerRunner(settings, verify_image=False)
+    pins = [f"--pin={n}=={v}" for n, v in task_pins().items()]
+    # This host's probe, mounted as a script: it reports on an image without the harness too.
+    probe = Mount(Path(image_probe.__file__).resolve(), PROBE_TARGET)
+    with tempfile.TemporaryDirectory(prefix="harness-image-check-") as tmp:
+        spec = StageSpec(name="image-check",
+                         argv=(settings.python, PROBE_TARGET, *pins,
+                               *(["--gpu"] if gpu else [])),
+                         cwd=Path("/tmp"), log_dir=Path(tmp), timeout_s=600.0, mounts=(probe,),
+                         gpus=1 if gpu else 0, job_name="harness-image-check")
+        run = runner.run(spec)
+        image_id = run.info.get("image_id")
+        if not run.started:
+            if "Docker daemon" in (run.error or ""):
+                raise InfraError(run.error or "")
+            return CheckReport(image, image_id, False, [], {}, error=run.error)
+        stdout = run.stdout.read_text(encoding="utf-8", errors="replace")
+        try:
+            report = json.loads(stdout[stdout.index("{"):])
+        except ValueError:
+            tail = run.stderr_tail(10) or stdout[-2000:]
+            return CheckReport(image, image_id, False, [], {},
+                               error=f"the probe did not run (exit {run.returncode}"
+                                     f"{', ' + run.infra if run.infra else ''}): {tail}")
+    return CheckReport(image, image_id, bool(report["ok"]), report["checks"], report["facts"])

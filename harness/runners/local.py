@@ -9,20 +9,18 @@ Untrusted code belongs in the docker or apptainer runner.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import resource
 import secrets
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import IO
 
 from harness.runners.base import Exit, Job, RunnerError, StagedRunner, StageSpec
 from harness.runners.config import LocalSettings
+from harness.runtime.procs import STAGE_TOKEN_ENV, kill_tagged, kill_tree, outside_signal
 
 NOT_A_SANDBOX = ("note: the local runner is not a sandbox; run submissions you do not trust "
                  "with --runner docker (or apptainer), see docs/security.md")
@@ -31,14 +29,6 @@ _GB = 1 << 30
 # Only these variables reach a stage: no tokens, keys or cloud credentials.
 PASS_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ", "CUDA_VISIBLE_DEVICES",
             "NVIDIA_VISIBLE_DEVICES", "LD_LIBRARY_PATH")
-KILL_GRACE_S = 10.0
-# Set in every stage's environment, and so inherited by all its processes: how cleanup finds
-# the ones its process group does not hold (torchrun starts each rank in a session of its own).
-STAGE_TOKEN_ENV = "HARNESS_STAGE_TOKEN"
-# The top process (torchrun) dying of these was someone else's doing: the stage's own code
-# cannot signal it (the static rules refuse os, signal and subprocess).
-OUTSIDE_SIGNALS = {signal.SIGKILL: "SIGKILL", signal.SIGTERM: "SIGTERM",
-                   signal.SIGINT: "SIGINT", signal.SIGHUP: "SIGHUP"}
 
 
 def scrubbed_env(extra: dict[str, str]) -> dict[str, str]:
@@ -60,59 +50,6 @@ def container_env(extra: dict[str, str], *, drop: tuple[str, ...],
     env.update(extra)
     env.update(inside)
     return env
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=KILL_GRACE_S)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def tagged_processes(token: str) -> list[int]:
-    """This user's live processes that carry the stage token in their environment."""
-    needle = f"{STAGE_TOKEN_ENV}={token}".encode()
-    found = []
-    proc = Path("/proc")
-    for entry in proc.iterdir() if proc.is_dir() else []:
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if entry.stat().st_uid != os.getuid():
-                continue
-            if needle in (entry / "environ").read_bytes().split(b"\0") and \
-                    (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
-                found.append(int(entry.name))
-        except (OSError, IndexError):
-            continue
-    return found
-
-
-def _kill_tagged(token: str) -> None:
-    """SIGKILL what is left of a stage: ranks torchrun left behind when it was killed from
-    outside would otherwise train on, writing into an attempt whose record is closed."""
-    for pid in tagged_processes(token):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + KILL_GRACE_S
-    while tagged_processes(token) and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
-def outside_signal(returncode: int | None) -> str | None:
-    """The name of the outside signal a process died of, from its return code, or None."""
-    if returncode is None or returncode >= 0:
-        return None
-    try:
-        return OUTSIDE_SIGNALS.get(signal.Signals(-returncode))
-    except ValueError:
-        return None
 
 
 def outside_kill(returncode: int | None) -> str | None:
@@ -182,15 +119,16 @@ class LocalRunner(StagedRunner):
 
     def kill(self, job: Job) -> Exit:
         proc = self._procs[job.handle][0]
-        _kill_group(proc)
-        _kill_tagged(self._tokens[job.handle])
+        # SIGTERM to the group (torchrun's handler stops its ranks), then SIGKILL to all.
+        kill_tree(proc, term_descendants=False)
+        kill_tagged(self._tokens[job.handle])
         return Exit(proc.returncode)
 
     def cleanup(self, job: Job) -> None:
         proc, out, err = self._procs.pop(job.handle)
         if proc.poll() is None:
-            _kill_group(proc)
+            kill_tree(proc, term_descendants=False)
         # Before the stage's files are read and hashed: nothing of it may still write.
-        _kill_tagged(self._tokens.pop(job.handle))
+        kill_tagged(self._tokens.pop(job.handle))
         out.close()
         err.close()

@@ -30,11 +30,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from harness.paths import atomic_write_text
 from harness.runners.apptainer import ApptainerRunner
 from harness.runners.base import Exit, Job, RunnerError, StagedRunner, StageRun, StageSpec
 from harness.runners.config import SlurmSettings
 from harness.runners.local import scrubbed_env
+from harness.runtime.fileio import atomic_write_text
+from harness.runtime.procs import OUTSIDE_SIGNALS
 
 SCRIPT_NAME = "job.sbatch"
 KILL_AFTER_S = 30  # `timeout --kill-after`: SIGKILL this long after the SIGTERM
@@ -76,7 +77,6 @@ INFRA_STATES = {
                  "cluster)",
     "VANISHED": "vanished from the scheduler: neither sacct nor squeue knows it any more",
 }
-OUTSIDE_SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 # --- the batch script -----------------------------------------------------------------------

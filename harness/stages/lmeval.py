@@ -1,9 +1,8 @@
 """The lm-eval stage: the frozen eval_lm.py scores the trained checkpoint; scores come from
 the eval.json it writes.
 
-Metric names and units live here, so the entry script, the stage and the docs agree:
-accuracies are percent (46.68, not 0.4668), as in the task statement's table; perplexities
-are plain ratios; bits_per_byte is in bits.
+eval.json's format (metric names and units) lives in harness.runtime.lmeval_report, which
+the stage's own process writes it with.
 """
 
 from __future__ import annotations
@@ -11,48 +10,25 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.runners.base import Outcome, StageRun, StageSpec
+from harness.record import Status
+from harness.runners.base import StageRun, StageSpec
+from harness.runtime.lmeval_report import FORMAT, FULL_BOOTSTRAP_ITERS, HEADLINE
+from harness.stages.base import StageContext, StageOutcome, outcome
 from harness.task import ScaleSpec
 
 STAGE = "lm-eval"
 SCRIPT = "eval_lm.py"
 EVAL_FILE = "eval.json"
-SAMPLES_FILE = "samples.jsonl"
 ERROR_FILE = "error.json"
-FORMAT = "harness-lm-eval/1"
-CONVENTION = ("accuracies (acc, acc_norm) and their stderr are percent: 46.68 means 46.68%; "
-              "perplexities are ratios (exp of the mean negative log-likelihood per word or "
-              "token); bits_per_byte is in bits")
-
-# Our name -> (lm-eval task, lm-eval metric). Headline metrics are the task's own (task.toml).
-HEADLINE: dict[str, tuple[str, str]] = {
-    "wikitext2_ppl": ("wikitext", "word_perplexity"),
-    "lambada_ppl": ("lambada_openai", "perplexity"),
-    "arc_easy": ("arc_easy", "acc"),
-    "hellaswag": ("hellaswag", "acc_norm"),
-    "piqa": ("piqa", "acc"),
-    "winogrande": ("winogrande", "acc"),
-}
-SECONDARY: dict[str, tuple[str, str]] = {
-    "wikitext2_byte_ppl": ("wikitext", "byte_perplexity"),
-    "wikitext2_bits_per_byte": ("wikitext", "bits_per_byte"),
-    "lambada_acc": ("lambada_openai", "acc"),
-    "arc_easy_acc_norm": ("arc_easy", "acc_norm"),
-    "hellaswag_acc": ("hellaswag", "acc"),
-    "piqa_acc_norm": ("piqa", "acc_norm"),
-}
-PERCENT_METRICS = frozenset({"acc", "acc_norm"})
-
 # The smoke scale proves the path, not the numbers: a few documents per task, and a short
 # bootstrap for lambada's perplexity stderr (lm-eval's default is 100000 resamples).
 SMOKE_LIMIT = 8
 SMOKE_BOOTSTRAP_ITERS = 1000
-FULL_BOOTSTRAP_ITERS = 100_000
 
 
 @dataclass(frozen=True)
@@ -71,7 +47,8 @@ def settings_for(scale: ScaleSpec) -> EvalSettings:
 
 def evals_dir(scale: ScaleSpec, data_root: Path) -> Path:
     """Where a scale's eval sets live; the smoke ones are built on first use from the corpus."""
-    from harness.data.evals import prepare_smoke_evals, read_manifest
+    from harness.data.evals import prepare_smoke_evals
+    from harness.runtime.evalsets import read_manifest
 
     if scale.dataset == "smoke":
         from harness.data.smoke import prepare_smoke
@@ -100,63 +77,10 @@ def build(*, script: Path, attempt_dir: Path, checkpoint: Path, evals: Path, out
                      timeout_s=timeout_s, env={})
 
 
-# --- eval.json --------------------------------------------------------------------------------
-
-def _number(value: Any) -> float | None:
-    """lm-eval's value as a float; its "N/A" (no stderr for this metric) as None."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
-
-
-def _scaled(metric: str, value: float | None) -> float | None:
-    if value is None or metric not in PERCENT_METRICS:
-        return value
-    return 100.0 * value
-
-
-def task_metrics(task_results: Mapping[str, Any]) -> dict[str, dict[str, float | None]]:
-    """One task's lm-eval "metric,filter" keys -> {metric: {value, stderr}}, percent where due."""
-    out: dict[str, dict[str, float | None]] = {}
-    for key, value in task_results.items():
-        metric, _, filt = key.partition(",")
-        if filt != "none" or metric.endswith("_stderr") or metric == "alias":
-            continue
-        stderr = _number(task_results.get(f"{metric}_stderr,{filt}"))
-        out[metric] = {"value": _scaled(metric, _number(value)),
-                       "stderr": _scaled(metric, stderr)}
-    return out
-
-
-def summarize(results: Mapping[str, Any], tasks: Mapping[str, str]) -> dict[str, Any]:
-    """eval.json's metric sections from simple_evaluate's results.
-
-    `tasks` maps lm-eval's task name to the name ours is registered under (harness_...).
-    """
-    per_task: dict[str, Any] = {}
-    for name, ours in tasks.items():
-        counts = results.get("n-samples", {}).get(ours, {})
-        per_task[name] = {"task": ours, "metrics": task_metrics(results["results"][ours]),
-                          "samples": counts.get("effective"), "docs": counts.get("original"),
-                          "version": results.get("versions", {}).get(ours)}
-
-    def pick(table: Mapping[str, tuple[str, str]]) -> dict[str, float | None]:
-        return {k: per_task[t]["metrics"].get(m, {}).get("value") for k, (t, m) in table.items()}
-
-    detail = {k: {"lm_eval_task": t, "lm_eval_metric": m,
-                  "stderr": per_task[t]["metrics"].get(m, {}).get("stderr"),
-                  "samples": per_task[t]["samples"]}
-              for k, (t, m) in {**HEADLINE, **SECONDARY}.items()}
-    return {"metrics": pick(HEADLINE), "secondary": pick(SECONDARY), "detail": detail,
-            "tasks": per_task, "convention": CONVENTION}
-
-
-@dataclass(frozen=True)
-class EvalOutcome:
-    outcome: Outcome
-    reason: str
-    metrics: dict[str, float]
-    report: dict[str, Any] = field(default_factory=dict)
+# --- eval.json (its format: harness.runtime.lmeval_report) ---------------------------------
+# What of eval.json the attempt's record keeps beside the runner's fields.
+RECORD_KEYS = ("lm_eval_version", "convention", "metrics", "secondary", "detail", "settings",
+               "evals", "samples_sha256", "error", "val_loss", "lowbit_audit")
 
 
 def _read_json(path: Path) -> Any:
@@ -180,47 +104,72 @@ def metric_problem(report: Any, expected: Sequence[str]) -> str | None:
     return None
 
 
-def _failure(out_dir: Path, run: StageRun) -> EvalOutcome | None:
+def _failure(out_dir: Path, run: StageRun) -> StageOutcome | None:
     """The outcome of a run that did not finish cleanly; None when it did."""
     if not run.started:
-        return EvalOutcome(Outcome.FAILED_INFRA, run.error or "lm-eval stage did not start", {})
+        return outcome(Status.FAILED_INFRA, run.error or "lm-eval stage did not start")
     if run.cancelled:
-        return EvalOutcome(Outcome.CANCELLED, "lm-eval: cancelled through the harness", {})
+        return outcome(Status.CANCELLED, "lm-eval: cancelled through the harness")
     if run.infra:
-        return EvalOutcome(Outcome.FAILED_INFRA, f"lm-eval: {run.infra}", {})
+        return outcome(Status.FAILED_INFRA, f"lm-eval: {run.infra}")
     error = _read_json(out_dir / ERROR_FILE)
     if isinstance(error, dict):
         # eval_lm.py says whose fault it was: the submission's code, or our side.
-        kind = {"submission": Outcome.FAILED_SUBMISSION,
-                "rule_violation": Outcome.RULE_VIOLATION}.get(str(error.get("kind")),
-                                                              Outcome.FAILED_INFRA)
+        kind = {"submission": Status.FAILED_SUBMISSION,
+                Status.RULE_VIOLATION.value: Status.RULE_VIOLATION}.get(str(error.get("kind")),
+                                                             Status.FAILED_INFRA)
         message = str(error.get("message", "")).strip().splitlines() or ["?"]
-        return EvalOutcome(kind, f"lm-eval: {message[-1]}", {}, {"error": error})
+        return outcome(kind, f"lm-eval: {message[-1]}", error=error)
     if run.timed_out:
         # Training finished in its own limit, so a slow eval is ours to size: not charged.
-        return EvalOutcome(Outcome.FAILED_INFRA,
-                           f"lm-eval: time limit reached after {run.wall_s:.0f}s", {})
+        return outcome(Status.FAILED_INFRA, f"lm-eval: time limit reached after "
+                                            f"{run.wall_s:.0f}s")
     if run.returncode != 0:
-        return EvalOutcome(Outcome.FAILED_INFRA,
-                           f"lm-eval exited with code {run.returncode}", {})
+        return outcome(Status.FAILED_INFRA, f"lm-eval exited with code {run.returncode}")
     return None
 
 
-def collect(run: StageRun, out_dir: Path, expected: Sequence[str]) -> EvalOutcome:
+def collect(run: StageRun, out_dir: Path, expected: Sequence[str]) -> StageOutcome:
+    """The stage's outcome; `details` holds what of eval.json the attempt's record keeps."""
     failed = _failure(out_dir, run)
     if failed is not None:
         return failed
     report = _read_json(out_dir / EVAL_FILE)
     problem = metric_problem(report, expected)
     if problem is not None:
-        return EvalOutcome(Outcome.FAILED_INFRA, f"lm-eval: {problem}", {})
+        return outcome(Status.FAILED_INFRA, f"lm-eval: {problem}")
+    kept = {k: report[k] for k in RECORD_KEYS if k in report}
     metrics = {name: float(report["metrics"][name]) for name in expected}
     bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
     if bad:
         # The model's own numbers (NaN/inf log-likelihoods): the submission's fault.
-        return EvalOutcome(Outcome.FAILED_SUBMISSION,
-                           f"lm-eval: non-finite {', '.join(bad)}", {}, report)
-    return EvalOutcome(Outcome.SUCCEEDED, "ok", metrics, report)
+        return StageOutcome(Status.FAILED_SUBMISSION, f"lm-eval: non-finite {', '.join(bad)}",
+                            {}, kept)
+    return StageOutcome(Status.SUCCEEDED, "ok", metrics, kept)
+
+
+class LmEvalStage:
+    """The stage the attempt loop runs (harness.stages.base.Stage): the task's eval script on
+    pretrain's checkpoint. It scores the lm-eval tasks and recomputes the metrics that name
+    it as their scorer (val_loss), which must agree with training's own."""
+
+    name = STAGE
+    gpus: int | None = 1
+
+    def reads(self, ctx: StageContext) -> tuple[Path, ...]:
+        assert ctx.eval_sets is not None
+        return (ctx.eval_sets, ctx.data_dir)
+
+    def build(self, ctx: StageContext) -> StageSpec:
+        assert ctx.eval_sets is not None
+        script = ctx.attempt.file(ctx.task.eval_script)
+        return build(script=script, attempt_dir=ctx.attempt.root,
+                     checkpoint=ctx.attempt.root / ctx.task.checkpoint, evals=ctx.eval_sets,
+                     out_dir=ctx.attempt.stage_dir(STAGE), settings=settings_for(ctx.scale),
+                     timeout_s=float(ctx.scale.timeout_s), data_dir=ctx.data_dir)
+
+    def collect(self, ctx: StageContext, run: StageRun, out_dir: Path) -> StageOutcome:
+        return collect(run, out_dir, [m.name for m in ctx.task.metrics if m.scorer == STAGE])
 
 
 # --- `harness eval`: the stage on any attempt or checkpoint -------------------------------------
@@ -250,10 +199,10 @@ def resolve_target(target: Path, script: Path | None = None) -> tuple[Path, Path
 
 def run_manual(target: Path, *, evals: Path, out_dir: Path, settings: EvalSettings,
                task_root: Path, script: Path | None = None, timeout_s: float = 24 * 3600,
-               expected: Sequence[str] = tuple(HEADLINE)) -> EvalOutcome:
+               expected: Sequence[str] = tuple(HEADLINE)) -> StageOutcome:
     """The frozen eval_lm.py of the task on `target`, through the local runner."""
-    from harness.data.evals import read_manifest
     from harness.runners.local import LocalRunner
+    from harness.runtime.evalsets import read_manifest
 
     attempt, spliced, checkpoint = resolve_target(target, script)
     read_manifest(evals)  # unprepared eval sets are the user's to fix: exit 2, not a failure

@@ -5,26 +5,29 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.launch import LAUNCH_FILE
-from harness.runners.base import Outcome, StageRun, StageSpec
-from harness.runners.local import outside_signal
+from harness.record import Status
+from harness.runners.base import StageRun, StageSpec
+from harness.runtime.launch import LAUNCH_FILE
+from harness.runtime.procs import outside_signal
+from harness.stages.base import StageContext, StageOutcome, outcome
 from harness.task import ScaleSpec
 
 STAGE = "pretrain"
-GUARD = "harness.guard"
-LAUNCHER = "harness.launch"
+GUARD = "harness.runtime.guard"
+LAUNCHER = "harness.runtime.launch"
 # Parameter checksums (float64 sums) of the ranks may differ by this much, relatively.
 CHECKSUM_RTOL = 1e-9
 
 
 def build(scale: ScaleSpec, *, attempt_dir: Path, script: Path, data_dir: Path,
           out_dir: Path, python: str = sys.executable) -> StageSpec:
-    # torchrun through harness.launch, which records how each rank ended; every rank starts
-    # in the guard, which checks and audits the spliced script (harness/guard.py), then runs it.
+    # torchrun through harness.runtime.launch, which records how each rank ended; every rank
+    # starts in the guard, which checks and audits the spliced script (harness/runtime/guard.py),
+    # then runs it.
     argv = [
         python, "-m", LAUNCHER, "--standalone",
         f"--nproc_per_node={scale.nproc_per_node}", "-m", GUARD, str(script),
@@ -36,14 +39,21 @@ def build(scale: ScaleSpec, *, attempt_dir: Path, script: Path, data_dir: Path,
                      timeout_s=float(scale.timeout_s), env=env)
 
 
-@dataclass(frozen=True)
-class PretrainOutcome:
-    outcome: Outcome
-    reason: str
-    metrics: dict[str, float]
-    curve: list[dict[str, Any]]
-    final: dict[str, Any]
-    traceback: str = ""
+class PretrainStage:
+    """The stage the attempt loop runs (harness.stages.base.Stage)."""
+
+    name = STAGE
+    gpus: int | None = None  # the scale's nproc_per_node
+
+    def reads(self, ctx: StageContext) -> tuple[Path, ...]:
+        return (ctx.data_dir,)
+
+    def build(self, ctx: StageContext) -> StageSpec:
+        return build(ctx.scale, attempt_dir=ctx.attempt.root, script=ctx.script,
+                     data_dir=ctx.data_dir, out_dir=ctx.attempt.stage_dir(STAGE))
+
+    def collect(self, ctx: StageContext, run: StageRun, out_dir: Path) -> StageOutcome:
+        return collect(run, out_dir, [m.name for m in ctx.task.metrics if m.stage == STAGE])
 
 
 def _read_json(path: Path) -> Any:
@@ -77,7 +87,8 @@ def frozen_errors(out_dir: Path) -> list[dict[str, Any]]:
 
 
 def violations(out_dir: Path) -> list[dict[str, Any]]:
-    """Rule violations the guard recorded (harness/guard.py), one per rank that saw one."""
+    """Rule violations the guard recorded (harness/runtime/guard.py), one per rank that saw
+    one."""
     return rank_records(out_dir, "violation")
 
 
@@ -116,61 +127,63 @@ def killed_rank(out_dir: Path) -> str | None:
     return None
 
 
-def collect(run: StageRun, out_dir: Path) -> PretrainOutcome:
-    curve = read_curve(out_dir)
+def collect(run: StageRun, out_dir: Path, metrics: Sequence[str] = ()) -> StageOutcome:
+    """The stage's outcome and its metrics (the task's metrics of this stage, from the
+    final.json frozen code wrote); its record keeps the loss curve (and final.json, the
+    submission's traceback) beside the runner's fields."""
+    got = _judge(run, out_dir, metrics)
+    details = {"curve": read_curve(out_dir), "final": got.details.get("final", {}),
+               "traceback": got.details.get("traceback", "")}
+    return StageOutcome(got.status, got.reason, got.metrics, details)
+
+
+def _judge(run: StageRun, out_dir: Path, metrics: Sequence[str]) -> StageOutcome:
     if not run.started:
-        return PretrainOutcome(Outcome.FAILED_INFRA, run.error or "stage did not start", {},
-                               curve, {})
+        return outcome(Status.FAILED_INFRA, run.error or "stage did not start")
     if run.cancelled:
-        return PretrainOutcome(Outcome.CANCELLED, "cancelled through the harness", {}, curve, {})
+        return outcome(Status.CANCELLED, "cancelled through the harness")
     found = violations(out_dir)
     if found:
         # Before infra and the ranks' error files: the violation is why the run stopped.
         v = found[0]
-        return PretrainOutcome(Outcome.RULE_VIOLATION,
-                               f"rule violation ({v.get('rule')}, rank {v.get('rank')}): "
-                               f"{v.get('message')}", {}, curve, {})
+        return outcome(Status.RULE_VIOLATION, f"rule violation ({v.get('rule')}, rank "
+                                              f"{v.get('rank')}): {v.get('message')}")
     if run.infra:
         # Before the template's own error files: when the OOM killer or a node failure takes
         # one rank, the others record collective errors that are not the submission's fault.
-        return PretrainOutcome(Outcome.FAILED_INFRA, run.infra, {}, curve, {})
+        return outcome(Status.FAILED_INFRA, run.infra)
     killed = killed_rank(out_dir)
     if killed:
-        return PretrainOutcome(Outcome.FAILED_INFRA, killed, {}, curve, {})
+        return outcome(Status.FAILED_INFRA, killed)
     errors = frozen_errors(out_dir)
     ours = [e for e in errors if e.get("kind") in ("config", "data")]
     if ours:
         # The template refused our own inputs: the submission never ran, so never charge it.
-        return PretrainOutcome(Outcome.FAILED_INFRA,
-                               f"{ours[0]['kind']} error: {ours[0].get('message')}", {}, curve, {})
+        return outcome(Status.FAILED_INFRA, f"{ours[0]['kind']} error: {ours[0].get('message')}")
     if not run.timed_out and run.returncode not in (0, None) \
             and not rank_records(out_dir, "guard"):
         # No rank reached the point where the submission is imported: the launcher, torchrun
         # or the guard itself failed (harness not installed in the image, say).
-        return PretrainOutcome(Outcome.FAILED_INFRA,
-                               f"the stage failed before the submission ran (exit code "
-                               f"{run.returncode}; see the stage's stderr)", {}, curve, {})
+        return outcome(Status.FAILED_INFRA, f"the stage failed before the submission ran (exit "
+                                            f"code {run.returncode}; see the stage's stderr)")
     if errors:
         message = str(errors[0].get("message", "")).rstrip()
-        return PretrainOutcome(Outcome.FAILED_SUBMISSION,
-                               f"training raised: {message.splitlines()[-1] if message else '?'}",
-                               {}, curve, {}, traceback=message)
+        return outcome(Status.FAILED_SUBMISSION, "training raised: "
+                       f"{message.splitlines()[-1] if message else '?'}", traceback=message)
     if run.timed_out:
-        return PretrainOutcome(Outcome.FAILED_SUBMISSION,
-                               f"time limit reached after {run.wall_s:.0f}s", {}, curve, {})
+        return outcome(Status.FAILED_SUBMISSION, f"time limit reached after {run.wall_s:.0f}s")
     if run.returncode != 0:
-        return PretrainOutcome(Outcome.FAILED_SUBMISSION,
-                               f"training exited with code {run.returncode}", {}, curve, {})
+        return outcome(Status.FAILED_SUBMISSION, f"training exited with code {run.returncode}")
     final = _read_json(out_dir / "final.json")
     if not isinstance(final, dict):
-        return PretrainOutcome(Outcome.FAILED_INFRA, "training exited 0 without final.json",
-                               {}, curve, {})
-    val = final.get("val_loss")
-    if not isinstance(val, (int, float)) or not math.isfinite(val):
-        return PretrainOutcome(Outcome.FAILED_SUBMISSION, f"val_loss is not finite ({val})", {},
-                               curve, final)
+        return outcome(Status.FAILED_INFRA, "training exited 0 without final.json")
+    for name in metrics:
+        val = final.get(name)
+        if not isinstance(val, (int, float)) or not math.isfinite(val):
+            return outcome(Status.FAILED_SUBMISSION, f"{name} is not finite ({val})",
+                           final=final)
     diverged = rank_divergence(final)
     if diverged:
-        return PretrainOutcome(Outcome.RULE_VIOLATION, f"rule violation (ranks): {diverged}",
-                               {}, curve, final)
-    return PretrainOutcome(Outcome.SUCCEEDED, "ok", {"val_loss": float(val)}, curve, final)
+        return outcome(Status.RULE_VIOLATION, f"rule violation (ranks): {diverged}", final=final)
+    return StageOutcome(Status.SUCCEEDED, "ok", {m: float(final[m]) for m in metrics},
+                        {"final": final})

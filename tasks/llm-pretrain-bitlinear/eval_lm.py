@@ -49,7 +49,7 @@ def parse_args(argv):
 
 
 def write_error(out, kind, message):
-    from harness.lmeval_run import write_json_atomic
+    from harness.runtime.fileio import atomic_write_json as write_json_atomic
 
     write_json_atomic(out.parent / "error.json", {"kind": kind, "message": message[-4000:]})
 
@@ -64,7 +64,7 @@ def main(argv):
         # A private datasets cache: nothing from this run lands in the user's home.
         with tempfile.TemporaryDirectory(prefix="harness-hf-") as cache:
             os.environ["HF_DATASETS_CACHE"] = cache
-            from harness.lmeval_run import EvalRequest, evaluate
+            from harness.runtime.lmeval_run import EvalRequest, evaluate
 
             attempt = args.attempt_dir.resolve()
             report = evaluate(EvalRequest(
@@ -75,7 +75,7 @@ def main(argv):
                 batch_tokens=args.batch_tokens,
                 data_dir=args.data_dir.resolve() if args.data_dir else None))
     except Exception as e:
-        from harness.lmeval_run import RuleViolation, SubmissionFailure
+        from harness.runtime.lmeval_run import RuleViolation, SubmissionFailure
 
         kind = ("submission" if isinstance(e, SubmissionFailure) else
                 "rule_violation" if isinstance(e, RuleViolation) else "infra")

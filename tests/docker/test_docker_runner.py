@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 
-from harness.attempt import prepare, run_attempt
-from harness.runners.base import Mount, Outcome, StageRun, StageSpec
+from harness.attempt import prepare, run_submission
+from harness.record import Status
+from harness.runners.base import Mount, StageRun, StageSpec
 from harness.runners.config import DockerSettings
 from harness.runners.docker import LABEL, DockerRunner
 from harness.runners.local import LocalRunner
@@ -162,7 +163,7 @@ def test_the_oom_killer_is_infra(tmp_path: Path, image: str) -> None:
     assert (out / "started").exists()
     assert run.infra == "killed by the out-of-memory killer (memory limit 256m)"
     assert run.info["oom_killed"] is True
-    assert pretrain.collect(run, out).outcome is Outcome.FAILED_INFRA
+    assert pretrain.collect(run, out).status is Status.FAILED_INFRA
 
 
 def test_a_missing_image_is_infra_with_the_fix(tmp_path: Path, docker_client: Any) -> None:
@@ -182,7 +183,7 @@ def test_a_broken_image_is_refused_before_the_stage_starts(tmp_path: Path,
     assert not run.started and not (out / "ran").exists()
     assert f"the image {base!r}" in (run.error or "")
     assert "lacks what the task needs: harness, torch, numpy" in (run.error or "")
-    assert pretrain.collect(run, out).outcome is Outcome.FAILED_INFRA
+    assert pretrain.collect(run, out).status is Status.FAILED_INFRA
 
 
 def test_docker_kill_from_outside_is_infra(tmp_path: Path, settings: DockerSettings,
@@ -200,7 +201,7 @@ def test_docker_kill_from_outside_is_infra(tmp_path: Path, settings: DockerSetti
     assert run.returncode == 137 and not run.timed_out and not run.cancelled
     assert run.infra == "container killed from outside the harness (SIGKILL, exit code 137)"
     assert run.wall_s < 60
-    assert pretrain.collect(run, out).outcome is Outcome.FAILED_INFRA
+    assert pretrain.collect(run, out).status is Status.FAILED_INFRA
     # cleanup removed the container
     assert not docker_client.containers.list(all=True, filters={
         "label": f"{LABEL}.job={spec.job_name}"})
@@ -215,11 +216,11 @@ def test_smoke_attempt_in_docker_equals_local(tmp_path: Path, task: TaskSpec,
     prepared = prepare(REPO / "baselines" / "binary_sign", task)
     scale = task.scale("smoke")
     t0 = time.monotonic()
-    local, _ = run_attempt(prepared, task, scale, runs_dir=tmp_path / "local runs",
-                           data=data_root, runner=LocalRunner())
+    local, _ = run_submission(prepared, task, scale, runs_dir=tmp_path / "local runs",
+                              data=data_root, runner=LocalRunner())
     t1 = time.monotonic()
-    boxed, paths = run_attempt(prepared, task, scale, runs_dir=tmp_path / "docker runs",
-                               data=data_root, runner=DockerRunner(settings))
+    boxed, paths = run_submission(prepared, task, scale, runs_dir=tmp_path / "docker runs",
+                                  data=data_root, runner=DockerRunner(settings))
     t2 = time.monotonic()
     print(f"smoke attempt: local {t1 - t0:.1f}s, docker {t2 - t1:.1f}s")
     assert local.status == "succeeded", local.reason
@@ -233,10 +234,10 @@ def test_smoke_attempt_in_docker_equals_local(tmp_path: Path, task: TaskSpec,
     # The image is recorded per attempt, by digest.
     image_id = docker_client.images.get(settings.image).id
     for stage in ("pretrain", "lm-eval"):
-        info = boxed.stages[stage]["runner"]
+        info = boxed.stages[stage].runner
         assert info["image_id"] == image_id and info["image"] == settings.image
         assert info["exit_code"] == 0 and info["user"] != "0:0"
-    recorded = json.loads(paths.result.read_text())
+    recorded = json.loads(paths.record_path.read_text())
     assert recorded["stages"]["pretrain"]["runner"]["image_id"] == image_id
 
 
@@ -268,3 +269,104 @@ def test_killing_a_sessions_container_refunds_the_test(tmp_path: Path,
         result = json.loads((Path(row.attempt_dir or "") / "result.json").read_text())
         assert result["status"] == "failed_infra"
         assert result["stages"]["pretrain"]["runner"]["image_id"].startswith("sha256:")
+
+
+# --- the pre-flight runs in the container (issue 19) ----------------------------------------
+
+# Module-level code of a submission: it runs when the pre-flight's worker imports the spliced
+# file. The static policy refuses all of this; run_preflight itself does not re-check it, so
+# this is what the code would see if it had slipped past the policy.
+PREFLIGHT_PROBE = """
+import json as _j, os as _o, socket as _s
+_r = {{"hostname": _s.gethostname(), "dockerenv": _o.path.exists("/.dockerenv"),
+       "cwd": _o.getcwd(), "pid1": open("/proc/1/cmdline").read().split(chr(0))[0]}}
+for _name, _addr in (("host_listener", ("127.0.0.1", {port})), ("internet", ("1.1.1.1", 443))):
+    try:
+        _s.create_connection(_addr, timeout=3).close()
+        _r[_name] = "connected"
+    except OSError as _e:
+        _r[_name] = type(_e).__name__
+try:
+    _r["host_file"] = open({secret!r}).read()
+except OSError as _e:
+    _r["host_file"] = type(_e).__name__
+try:
+    open({beside!r}, "w").write("escaped")
+    _r["write_outside"] = "ok"
+except OSError as _e:
+    _r["write_outside"] = type(_e).__name__
+open(_o.path.join(_o.getcwd(), "probe.json"), "w").write(_j.dumps(_r))
+"""
+
+
+def _baseline_region(task: TaskSpec) -> str:
+    from harness.submission import load_submission
+
+    return load_submission(REPO / "baselines" / "binary_sign", task).regions["bitlinear"]
+
+
+@pytest.mark.slow
+def test_the_preflight_worker_runs_in_the_container(tmp_path: Path, task: TaskSpec,
+                                                   settings: DockerSettings) -> None:
+    """A baseline's whole pre-flight (worker and 2-process torchrun) passes as one stage of
+    the docker runner; the report names the container it ran in."""
+    from harness.checks.preflight import run_preflight
+    from harness.regions import splice
+
+    spliced = splice(task.template_text(), {"bitlinear": _baseline_region(task)})
+    report = run_preflight(task, spliced, runner=DockerRunner(settings),
+                           work_dir=tmp_path / "preflight work")
+    assert report.ok, report.render()
+    assert report.runner["name"] == "docker" and report.runner["container_id"]
+    assert report.runner["image_id"].startswith("sha256:")
+    ddp = report.get("ddp")
+    assert ddp is not None and ddp.details["world_size"] == 2
+
+
+def test_module_level_code_in_the_preflight_cannot_reach_the_host(
+        tmp_path: Path, task: TaskSpec, settings: DockerSettings) -> None:
+    import socket
+
+    from harness.checks.preflight import run_preflight
+    from harness.regions import splice
+
+    secret = tmp_path / "host-only.txt"
+    secret.write_text("a host secret")
+    beside = tmp_path / "escaped.txt"
+    accepted: list[object] = []
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.settimeout(0.5)
+
+    def accept() -> None:
+        while not done.is_set():
+            try:
+                accepted.append(server.accept())
+            except OSError:
+                continue
+
+    done = threading.Event()
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    probe = PREFLIGHT_PROBE.format(port=server.getsockname()[1], secret=str(secret),
+                                   beside=str(beside))
+    spliced = splice(task.template_text(), {"bitlinear": _baseline_region(task) + probe})
+    work = tmp_path / "pf"
+    try:
+        report = run_preflight(task, spliced, runner=DockerRunner(settings), work_dir=work,
+                               checks=("interface",))
+    finally:
+        done.set()
+        thread.join(timeout=5)
+        server.close()
+    assert report.ok, report.render()
+    got = json.loads((work / "probe.json").read_text())
+    assert got["hostname"] == "harness" and got["dockerenv"] is True, got  # in the container
+    assert got["pid1"].endswith("docker-init"), got
+    assert got["cwd"] == str(work.resolve())
+    assert got["host_listener"] == "ConnectionRefusedError"  # its own loopback, not ours
+    assert got["internet"] == "OSError", got  # ENETUNREACH: no network at all
+    assert got["host_file"] == "FileNotFoundError"  # only the work folder is mounted
+    assert got["write_outside"] in ("OSError", "PermissionError", "FileNotFoundError"), got
+    assert not beside.exists() and accepted == []

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.regions import parse_layout, splice
+from harness.regions import splice
+from harness.runtime.layout import parse_layout
 from harness.task import TaskSpec
 
 FORWARD = "    def forward(self, x):\n"

@@ -24,12 +24,13 @@ from pathlib import Path
 
 import pytest
 
-from harness.attempt import Prepared, Result, prepare, run_attempt
+from harness.attempt import Prepared, prepare, run_submission
 from harness.checks.preflight import run_preflight
 from harness.errors import CheckFailed, UserError
 from harness.leaderboard import build_board
-from harness.paths import sha256_file
+from harness.record import AttemptRecord
 from harness.runners.local import LocalRunner
+from harness.runtime.fileio import sha256_file
 from harness.submission import Submission
 from harness.task import ScaleSpec, TaskSpec, load_task
 from tests.security.attacks import (
@@ -94,7 +95,7 @@ def test_preflight_refuses(attack_id: str, task: TaskSpec, tmp_path: Path) -> No
     prepared = prepare(write_region(tmp_path / "attack.py", attack.region), task)  # static: ok
     runs = tmp_path / "runs"
     with pytest.raises(UserError, match=f"pre-flight failed: .*{attack.check}") as e:
-        run_attempt(prepared, task, task.scale("smoke"), runs_dir=runs, data=tmp_path,
+        run_submission(prepared, task, task.scale("smoke"), runs_dir=runs, data=tmp_path,
                     runner=LocalRunner(), preflight=True)
     assert e.value.exit_code == 2
     assert f"FAIL  {attack.check}" in (e.value.details or "")
@@ -149,7 +150,7 @@ STAGE_DIRS = {"pretrain", "lm-eval"}
 
 @dataclasses.dataclass
 class Observed:
-    result: Result
+    result: AttemptRecord
     root: Path
 
 
@@ -178,7 +179,7 @@ def observe(task: TaskSpec, data_root: Path, tmp_path: Path,
 
     def run(prepared: Prepared, scale: ScaleSpec) -> Observed:
         runs = tmp_path / "runs"
-        result, paths = run_attempt(prepared, task, scale, runs_dir=runs, data=data_root,
+        result, paths = run_submission(prepared, task, scale, runs_dir=runs, data=data_root,
                                     runner=LocalRunner())
         root = paths.root
         # 1. no ranked row
@@ -224,7 +225,8 @@ def test_float_weights_after_preflight_are_caught_by_the_in_run_audit(
         task: TaskSpec, tmp_path: Path, observe: Callable[..., Observed]) -> None:
     prepared = _checked(task, delayed_float(task), tmp_path)
     # Pre-flight alone cannot see it: its short DDP run ends before the switch.
-    assert run_preflight(task, prepared.spliced, work_dir=tmp_path / "work").ok
+    assert run_preflight(task, prepared.spliced, runner=LocalRunner(),
+                         work_dir=tmp_path / "work").ok
     seen = observe(prepared, _pretrain_only(task))
     assert seen.result.status == "rule_violation"
     assert seen.result.reason.startswith("rule violation (low-bit, rank ")

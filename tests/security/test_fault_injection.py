@@ -35,11 +35,13 @@ import pytest
 from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 
-from harness.audit import audit, kill_stage_processes, stage_processes
-from harness.ledger import FINISHED, REFUNDABLE, AttemptRow, Ledger
-from harness.paths import sha256_file
+from harness.audit import audit
+from harness.ledger import AttemptRow, Ledger
+from harness.record import FINISHED, REFUNDABLE
 from harness.regions import EditSession
 from harness.runners.docker import LABEL
+from harness.runtime.fileio import sha256_file
+from harness.runtime.procs import kill_processes_in, processes_in
 from harness.session import Session
 from harness.task import load_task
 from tests.conftest import PYTHON, REPO, TEMPLATE, wait_for
@@ -210,7 +212,7 @@ def _leader(run: Run) -> int | None:
     root = run.root()
     if root is None:
         return None
-    ours = set(stage_processes(root))
+    ours = set(processes_in(root))
     found = [p for p in _children(run.proc.pid) if p in ours]
     return found[0] if found else None
 
@@ -247,8 +249,8 @@ def finish(run: Run, recover: bool) -> None:
         assert "settled: test #1" in out.stdout or "0 attempt(s) settled" in out.stdout, out.stdout
     root = run.root()
     if root is not None:
-        until(lambda: not stage_processes(root), SETTLE_S,
-              f"stage processes left running in {root}: {stage_processes(root)}")
+        until(lambda: not processes_in(root), SETTLE_S,
+              f"stage processes left running in {root}: {processes_in(root)}")
 
 
 # --- the three properties ------------------------------------------------------------------
@@ -341,7 +343,7 @@ def test_a_sigkill_from_outside_is_never_charged(data_root: Path, target: str, m
                 run.proc.kill()
                 run.proc.wait()
             if (root := run.root()) is not None:
-                kill_stage_processes(root)
+                kill_processes_in(root)
 
 
 def test_control_a_crashing_submission_is_charged(data_root: Path, tmp_path: Path) -> None:
@@ -355,7 +357,7 @@ def test_control_a_crashing_submission_is_charged(data_root: Path, tmp_path: Pat
         if run.proc.poll() is None:
             run.proc.kill()
         if (root := run.root()) is not None:
-            kill_stage_processes(root)
+            kill_processes_in(root)
     assert run.proc.returncode == 4 and row is not None
     assert (row.status, row.charged, row.refunded, used) == ("failed_submission", True, False, 1)
     assert "submission bug: exploded at step 5" in (row.reason or "")
@@ -369,12 +371,12 @@ def test_control_a_crashing_submission_is_charged(data_root: Path, tmp_path: Pat
 # windows between two of its writes, which a kill at a random moment rarely hits.
 DIES = r"""
 import os, signal, sys
-import harness.ledger, harness.paths, harness.runners.local
+import harness.ledger, harness.record, harness.runners.local
 from harness.cli import main
 
 where, when, nth = sys.argv[1], sys.argv[2], int(sys.argv[3])
 cls_name, name = where.split(".")
-cls = {"Ledger": harness.ledger.Ledger, "AttemptPaths": harness.paths.AttemptPaths,
+cls = {"Ledger": harness.ledger.Ledger, "Attempt": harness.record.Attempt,
        "LocalRunner": harness.runners.local.LocalRunner}[cls_name]
 real = getattr(cls, name)
 calls = []
@@ -396,7 +398,7 @@ POINTS = {
     "registered": ("Ledger.new_attempt", "after", 1, None, "failed_infra"),
     "checking": ("Ledger.set_status", "after", 1, None, "failed_infra"),
     "checked": ("Ledger.set_status", "after", 2, None, "failed_infra"),
-    "folder made": ("AttemptPaths.create", "after", 1, None, "failed_infra"),
+    "folder made": ("Attempt.create", "after", 1, None, "failed_infra"),
     "record written": ("Ledger.charge", "before", 1, None, "failed_infra"),
     "charged": ("Ledger.charge", "after", 1, None, "failed_infra"),
     "stage launched": ("LocalRunner.launch", "after", 1, None, "failed_infra"),
@@ -426,7 +428,7 @@ def test_the_harness_killed_at_any_point_of_its_own_is_recovered(data_root: Path
         if run.proc.poll() is None:
             run.proc.kill()
         if (root := run.root()) is not None:
-            kill_stage_processes(root)
+            kill_processes_in(root)
 
 
 # --- docker: the stage's container, killed from outside -----------------------------------------

@@ -129,7 +129,7 @@ class TorchTable:
 
 def _region_lines(source: str) -> set[int]:
     """Line numbers (1-based) inside editable regions, markers included."""
-    from harness.regions import parse_layout
+    from harness.runtime.layout import parse_layout
 
     layout = parse_layout(source, where="spliced file")
     lines: set[int] = set()

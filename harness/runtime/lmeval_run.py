@@ -10,16 +10,15 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import json
-import os
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.data import evals as evalsets
-from harness.paths import sha256_file
-from harness.stages import lmeval as stage
+from harness.runtime import evalsets
+from harness.runtime import lmeval_report as stage
+from harness.runtime.fileio import atomic_write_json, atomic_write_text, sha256_file
 
 DTYPES = {"float32": None, "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -64,16 +63,6 @@ def _jsonable(value: Any) -> Any:
     return item() if callable(item) else repr(value)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n",
-                       encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_samples(path: Path, samples: Mapping[str, Any], names: Mapping[str, str]) -> int:
     """One JSON line per scored document (its log-likelihoods, target, metrics); the document
     itself stays in the eval set, named by doc_id and doc_hash. Returns the line count."""
@@ -83,12 +72,7 @@ def write_samples(path: Path, samples: Mapping[str, Any], names: Mapping[str, st
             record = {k: v for k, v in sample.items() if k != "doc"}
             lines.append(json.dumps({"task": name, **record}, default=_jsonable,
                                     ensure_ascii=False))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
     return len(lines)
 
 
@@ -114,7 +98,8 @@ class Loaded:
 
 
 def load(request: EvalRequest) -> Loaded:
-    from harness.lmeval_model import build_model, load_checkpoint, load_spliced, pick_device
+    from harness.runtime.lmeval_model import build_model, load_checkpoint, pick_device
+    from harness.runtime.spliced import load_spliced
 
     ckpt = load_checkpoint(request.checkpoint)
     device = pick_device(request.device)
@@ -128,7 +113,7 @@ def load(request: EvalRequest) -> Loaded:
 
 def make_lm(request: EvalRequest, loaded: Loaded | None = None) -> tuple[Any, dict[str, Any]]:
     """The adapter over the spliced template's GPT with the checkpoint's weights."""
-    from harness.lmeval_model import GPTLM, default_batch_tokens
+    from harness.runtime.lmeval_model import GPTLM, default_batch_tokens
 
     loaded = loaded or load(request)
     args = loaded.ckpt["model_args"]
@@ -156,7 +141,7 @@ def audit_checkpoint(loaded: Loaded) -> dict[str, Any]:
     matmul sees a full-precision weight."""
     import torch
 
-    from harness.lowbit_audit import audit
+    from harness.runtime.lowbit_audit import audit
 
     block = int(loaded.ckpt["model_args"]["block_size"])
     vocab = min(int(loaded.ckpt["model_args"]["vocab_size"]), 50257)
@@ -196,7 +181,7 @@ def run_tasks(lm: Any, yaml_dir: Path, *, limit: int | None,
     from lm_eval import simple_evaluate  # type: ignore[import-untyped,unused-ignore]
     from lm_eval.tasks import TaskManager  # type: ignore[import-untyped,unused-ignore]
 
-    from harness.lmeval_model import ModelError
+    from harness.runtime.lmeval_model import ModelError
 
     # Only our YAMLs: they include lm-eval's own definitions by absolute path.
     manager = TaskManager(include_path=str(yaml_dir), include_defaults=False)
@@ -213,7 +198,7 @@ def run_tasks(lm: Any, yaml_dir: Path, *, limit: int | None,
 
 def evaluate(request: EvalRequest) -> dict[str, Any]:
     """Run everything and write eval.json + samples.jsonl; returns the eval.json record."""
-    from harness.integrity import IntegrityError, TorchTable, source_of, verify
+    from harness.runtime.integrity import IntegrityError, TorchTable, source_of, verify
 
     t0 = time.monotonic()
     # Before the submission's module is imported: what its torch must still be when scoring.
@@ -270,7 +255,7 @@ def evaluate(request: EvalRequest) -> dict[str, Any]:
         "samples_sha256": sha256_file(samples_path),
         "wall_s": round(time.monotonic() - t0, 3),
     }
-    write_json_atomic(out, report)
+    atomic_write_json(out, report, default=_jsonable)
     return report
 
 

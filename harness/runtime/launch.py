@@ -1,6 +1,7 @@
 """The pretrain stage's launcher: torchrun, plus a record of how each rank ended.
 
-    python -m harness.launch [torchrun options] -m harness.guard SPLICED.py --name=value ...
+    python -m harness.runtime.launch [torchrun options] \
+        -m harness.runtime.guard SPLICED.py --name=value ...
 
 A rank killed with SIGKILL (the out-of-memory killer, an operator) cannot record anything
 itself, and the ranks that survive it record collective errors that look like the
@@ -12,8 +13,8 @@ from __future__ import annotations
 
 import sys
 
-from harness.guard import out_dir_of
-from harness.paths import atomic_write_json
+from harness.runtime.fileio import atomic_write_json
+from harness.runtime.guard import out_dir_of
 
 LAUNCH_FILE = "launcher.json"
 

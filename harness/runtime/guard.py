@@ -1,6 +1,6 @@
 """The pretrain stage's entry point: torchrun starts this, not the spliced template itself.
 
-    python -m torch.distributed.run ... -m harness.guard SPLICED.py --name=value ...
+    python -m torch.distributed.run ... -m harness.runtime.guard SPLICED.py --name=value ...
 
 On every rank, before any submission code runs, it takes the table of torch functions the
 template relies on (integrity.TorchTable). It then imports the spliced file as a module (the
@@ -22,7 +22,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from harness.paths import atomic_write_json
+from harness.runtime.fileio import atomic_write_json
 
 MODULE_NAME = "custom_pretrain"
 EXIT_VIOLATION = 3
@@ -61,8 +61,8 @@ class Auditor:
 
     def __call__(self, model: Any, idx: Any, targets: Any,
                  autocast: AbstractContextManager[Any], step: int) -> None:
-        from harness.integrity import IntegrityError, verify
-        from harness.lowbit_audit import LowBitViolation, audit, require
+        from harness.runtime.integrity import IntegrityError, verify
+        from harness.runtime.lowbit_audit import LowBitViolation, audit, require
 
         self.steps.append(step)
         try:
@@ -84,16 +84,17 @@ class Auditor:
 
 def main(argv: list[str]) -> int:
     if not argv:
-        print("usage: python -m harness.guard SPLICED.py [--name=value ...]", file=sys.stderr)
+        print("usage: python -m harness.runtime.guard SPLICED.py [--name=value ...]",
+              file=sys.stderr)
         return 2
     script, args = Path(argv[0]).resolve(), argv[1:]
     out_dir = out_dir_of(args)
     # Before the submission's code exists in this process: the reference it is compared to.
-    from harness.integrity import IntegrityError, TorchTable, verify
+    from harness.runtime.integrity import IntegrityError, TorchTable, verify
 
     table = TorchTable()
     source = script.read_text(encoding="utf-8")
-    from harness.spliced import load_spliced
+    from harness.runtime.spliced import load_spliced
 
     # From here on a failure can be the submission's; before it, only ours (the stage reads
     # this marker: no marker on any rank means the submission never ran).

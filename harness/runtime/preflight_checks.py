@@ -11,6 +11,7 @@ import functools
 import importlib.util
 import math
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +21,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from harness.checks.preflight import PRODUCT_ERROR_BOUND, TINY_BATCH, TINY_MODEL, TINY_TOKENS
-from harness.checks.preflight_lowbit import LayerVerdict, capture_modes, summarise
-from harness.checks.preflight_worker import describe, is_memory_error
+from harness.runtime.preflight import PRODUCT_ERROR_BOUND, TINY_BATCH, TINY_MODEL, TINY_TOKENS
+from harness.runtime.preflight_lowbit import LayerVerdict, capture_modes, summarise
 
 MODULE_NAME = "preflight_submission"
+_MEMORY_MARKERS = ("can't allocate memory", "not enough memory", "bad_alloc",
+                   "Cannot allocate memory", "out of memory")
 # The layer the interface check builds: out != in, so no orientation is ambiguous.
 IN_F, OUT_F = 32, 48
 # What weight_quant and activation_quant are given: N(0, 0.02) like the template's init,
@@ -36,6 +38,21 @@ FULL_TOKENS = 16
 # reassociation-level differences are expected.
 COMPILE_RTOL = 1e-4
 ONE_PATH_RTOL, ONE_PATH_ATOL = 1e-4, 1e-5
+
+
+def is_memory_error(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or any(m in str(exc) for m in _MEMORY_MARKERS)
+
+
+def describe(exc: BaseException, spliced: Path) -> tuple[str, bool]:
+    """One line for an exception, with the spliced file's line when it passed through it;
+    and whether it did (then the submission raised it, not the harness)."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == str(spliced)]
+    message = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {message[0][:240]}" if message else type(exc).__name__
+    if frames:
+        text += f" (line {frames[-1].lineno} of the spliced file)"
+    return text, bool(frames)
 
 
 @dataclass

@@ -1,7 +1,7 @@
-"""The pre-flight worker process (see harness.checks.preflight for the checks).
+"""The pre-flight worker process (see harness.runtime.preflight for the checks).
 
-    python -m harness.checks.preflight_worker run --spliced=FILE --progress=FILE --memory-mb=N
-    python -m harness.checks.preflight_worker exec --memory-mb=N -- ARGV...
+    python -m harness.runtime.preflight_worker run --spliced=FILE --progress=FILE --memory-mb=N
+    python -m harness.runtime.preflight_worker exec --memory-mb=N -- ARGV...
 
 `run` limits its memory before torch is imported, imports the spliced file and runs
 the in-process checks. It appends one JSON line to the progress file when a check starts
@@ -24,12 +24,10 @@ import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import IO, Any
 
-from harness.checks.preflight import WORKER_CHECKS, CheckResult
-
-_MEMORY_MARKERS = ("can't allocate memory", "not enough memory", "bad_alloc",
-                   "Cannot allocate memory", "out of memory")
+from harness.runtime.preflight import WORKER_CHECKS, CheckResult
 
 
 def limit_memory(memory_mb: int) -> None:
@@ -38,21 +36,6 @@ def limit_memory(memory_mb: int) -> None:
     gigabytes of libraries at import, which would count against an address-space limit."""
     limit = memory_mb << 20
     resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
-
-
-def is_memory_error(exc: BaseException) -> bool:
-    return isinstance(exc, MemoryError) or any(m in str(exc) for m in _MEMORY_MARKERS)
-
-
-def describe(exc: BaseException, spliced: Path) -> tuple[str, bool]:
-    """One line for an exception, with the spliced file's line when it passed through it;
-    and whether it did (then the submission raised it, not the harness)."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == str(spliced)]
-    message = str(exc).strip().splitlines()
-    text = f"{type(exc).__name__}: {message[0][:240]}" if message else type(exc).__name__
-    if frames:
-        text += f" (line {frames[-1].lineno} of the spliced file)"
-    return text, bool(frames)
 
 
 class Progress:
@@ -80,7 +63,7 @@ def _run_checks(args: argparse.Namespace) -> int:
     spliced = Path(args.spliced)
     progress = Progress(Path(args.progress))
     # Imported under the limit: pre-flight must prove torch still works inside it.
-    from harness.checks import preflight_checks as pc
+    from harness.runtime import preflight_checks as pc
 
     shapes = [(int(o), int(i)) for o, i in (s.split("x") for s in args.full_shape)]
     ctx: pc.Context | None = None
@@ -94,7 +77,8 @@ def _run_checks(args: argparse.Namespace) -> int:
             verdict = pc.CHECKS[check_id](ctx)
             status, reason, details = verdict.status, verdict.reason, verdict.details
         except BaseException as exc:  # the submission's code may raise anything
-            status, reason, details = _failure(check_id, exc, spliced, args.memory_mb, doing)
+            status, reason, details = _failure(pc, check_id, exc, spliced, args.memory_mb,
+                                               doing)
         progress.result(CheckResult(check_id, status, round(time.monotonic() - t0, 3),
                                     reason, details))
         # Later checks would only repeat the cause: when the file did not import or the
@@ -107,11 +91,11 @@ def _run_checks(args: argparse.Namespace) -> int:
     return 0
 
 
-def _failure(check_id: str, exc: BaseException, spliced: Path, memory_mb: int,
+def _failure(pc: ModuleType, check_id: str, exc: BaseException, spliced: Path, memory_mb: int,
              doing: str = "") -> tuple[str, str, dict[str, Any]]:
-    text, theirs = describe(exc, spliced)
+    text, theirs = pc.describe(exc, spliced)
     details = {"traceback": "".join(traceback.format_exception(exc))[-4000:]}
-    if is_memory_error(exc):
+    if pc.is_memory_error(exc):
         asked = re.search(r"tried to allocate (\d+) bytes", str(exc))
         what = (f"allocating {int(asked.group(1)) / 2**30:.2f} GiB failed" if asked
                 else f"{type(exc).__name__}")

@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM  # type: ignore[import-untyped,unused-ignore]
 
-from harness.data.tokenizer import EOT, VOCAB_SIZE, gpt2_encoding
-from harness.spliced import load_spliced as load_spliced  # where eval code has always found it
+from harness.runtime.tokenizer import EOT, VOCAB_SIZE, gpt2_encoding
 
 Tokens = list[int]
 # lm-eval's request after tokenization: ((context, continuation) strings, tokens, tokens).

@@ -1,4 +1,5 @@
-"""The leaderboard as one self-contained HTML page: jinja2, inline CSS and JS, inline SVG.
+"""The leaderboard as one self-contained HTML page: jinja2 (harness/templates/leaderboard.html.j2),
+inline CSS and JS, inline SVG.
 
 Nothing on the page is fetched: no CDN, no font, no image file. The plot is a static SVG that
 matplotlib draws from the board's curves on its SVG canvas directly (no pyplot, no display,
@@ -7,7 +8,9 @@ no GUI backend: safe on a headless server and in threads).
 
 from __future__ import annotations
 
+import functools
 import io
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,11 +18,13 @@ from pathlib import Path
 
 from markupsafe import Markup, escape
 
-from harness.leaderboard import Board, Cell, Row, Table, arrow, fmt_delta, fmt_value, relpath
-from harness.paths import atomic_write_text
+from harness.leaderboard.board import Board, Cell, Row, Table
+from harness.leaderboard.export import arrow, fmt_delta, fmt_value
+from harness.record import Status
+from harness.runtime.fileio import atomic_write_text
 
 TEMPLATE = "leaderboard.html.j2"
-TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
+TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 MAX_CURVES = 12  # more lines than this are unreadable in one plot
 
 
@@ -100,6 +105,21 @@ def delta_class(cell: Cell) -> str:
     return "better" if cell.improved else "worse"
 
 
+def relpath(target: str, start: Path) -> str:
+    """A link from a page in `start` to a file: relative, so the folder can move as a whole."""
+    folder, name = os.path.split(target)
+    return f"{_relative_dir(folder, str(start))}/{name}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _relative_dir(folder: str, start: str) -> str:
+    # Cached by folder: thousands of links share a few runs dirs, and relpath is slow.
+    try:
+        return Path(os.path.relpath(folder, start)).as_posix()
+    except ValueError:  # another drive
+        return Path(folder).as_posix()
+
+
 def render_page(board: Board, page_dir: Path) -> str:
     import jinja2
 
@@ -111,6 +131,7 @@ def render_page(board: Board, page_dir: Path) -> str:
                        signed=fmt_delta)
     plots = {t.id: loss_plot(t) for t in board.tables}
     return env.get_template(TEMPLATE).render(board=board, plots=plots,
+                                             succeeded=Status.SUCCEEDED.value,
                                              tasks=_task_names(board.tables))
 
 

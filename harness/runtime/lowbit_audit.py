@@ -3,7 +3,7 @@ the final checkpoint.
 
 Pre-flight sees a tiny model for a few calls; a submission could keep float weights for later
 (after N calls, past some step, once a buffer says so). Here the same matmul-operand capture
-(checks/preflight_lowbit.py) runs on the model being trained, on every rank, at every
+(runtime/preflight_lowbit.py) runs on the model being trained, on every rank, at every
 evaluation of the pretrain stage, and on the model rebuilt from the checkpoint in the eval
 stage: one forward in train() with autograd on, as training runs it, and one in eval() under
 no_grad, as scoring runs it. Both use the uncompiled module: the capture works at the torch
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from harness.checks.preflight_lowbit import capture_modes, summarise
+from harness.runtime.preflight_lowbit import capture_modes, summarise
 
 # Rows of the batch the audit forwards: one sequence is enough to reach every matmul, and
 # keeps the extra memory of a forward with autograd small next to training's.

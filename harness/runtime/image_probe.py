@@ -1,6 +1,6 @@
 """What an image must hold for the task's stages, checked from inside it.
 
-    python3 -m harness.image_probe [--gpu] [--pin lm-eval==0.4.13 ...]
+    python3 -m harness.runtime.image_probe [--gpu] [--pin lm-eval==0.4.13 ...]
 
 Runs inside the image (`harness image check` starts it in a container without network; the
 Apptainer definition's %test runs it directly). Prints one JSON object, {"ok", "checks":
@@ -21,6 +21,9 @@ from typing import Any
 
 DIST = "bitlinear-harness"
 MIN_PYTHON = (3, 10)
+# What the stages run inside the image (without torch's heavy import where it can wait).
+RUNTIME_MODULES = ("harness", "harness.runtime.guard", "harness.runtime.launch",
+                   "harness.runtime.preflight", "harness.runtime.preflight_worker")
 
 
 def declared_pins() -> dict[str, str]:
@@ -121,7 +124,7 @@ def _imports(modules: Sequence[str]) -> Callable[[], str]:
 
 
 def _tokenizer() -> str:
-    from harness.data.tokenizer import GPT2_FILES, gpt2_encoding
+    from harness.runtime.tokenizer import GPT2_FILES, gpt2_encoding
 
     # gpt2_encoding() reads both files and refuses any whose sha256 differs from GPT2_FILES.
     ids = gpt2_encoding().encode_ordinary("Hello world")
@@ -134,10 +137,10 @@ def run_probe(*, gpu: bool, pins: dict[str, str]) -> dict[str, Any]:
     probe = Probe()
     probe.check("python", _python)
     probe.facts["python"] = platform.python_version()
-    # The pretrain stage runs the spliced script through harness.launch and harness.guard inside
-    # the image: an image built from an older harness lacks them and fails every attempt late.
-    if probe.check("harness", _imports(["harness", "harness.stages.pretrain", "harness.guard",
-                                        "harness.launch"])):
+    # Every stage process imports only harness.runtime: the pretrain stage runs the spliced
+    # script through its launch and guard, the pre-flight through its orchestrator, inside the
+    # image. An image built from an older harness lacks them and fails every attempt late.
+    if probe.check("harness", _imports(RUNTIME_MODULES)):
         probe.facts["harness"] = _version(DIST)
     if probe.check("torch", lambda: _torch(probe, gpu)) and gpu:
         probe.check("cuda", _cuda)
@@ -145,7 +148,8 @@ def run_probe(*, gpu: bool, pins: dict[str, str]) -> dict[str, Any]:
     probe.check("numpy", _imports(["numpy"]))
     for name, version in sorted(pins.items()):
         probe.check(f"pin:{name}", _pin(name, version))
-    probe.check("lm-eval", _imports(["lm_eval", "harness.lmeval_run", "harness.lmeval_model"]))
+    probe.check("lm-eval", _imports(["lm_eval", "harness.runtime.lmeval_run",
+                                     "harness.runtime.lmeval_model"]))
     probe.check("tokenizer", _tokenizer)
     missing = [c["id"] for c in probe.checks if not c["ok"]]
     return {"ok": not missing, "missing": missing, "gpu": gpu, "facts": probe.facts,
@@ -153,7 +157,7 @@ def run_probe(*, gpu: bool, pins: dict[str, str]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m harness.image_probe", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m harness.runtime.image_probe", description=__doc__)
     p.add_argument("--gpu", action="store_true", help="also require CUDA devices and NCCL")
     p.add_argument("--pin", action="append", default=None, metavar="NAME==VERSION",
                    help="a version the image must have (default: the harness's own pins)")

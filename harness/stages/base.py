@@ -1,0 +1,62 @@
+"""The stage contract: what the attempt loop asks of each stage of a task.
+
+A stage builds one command (`build`, a runner StageSpec) from what the attempt knows so far,
+and after the runner ran it, reads the files its frozen code wrote (`collect`) into a
+StageOutcome. The loop in harness.attempt runs the task's stages in order, records each as a
+record.StageRecord and stops at the first that does not succeed; nothing here reads stdout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from harness.record import Attempt, Status
+from harness.runners.base import StageRun, StageSpec
+from harness.task import ScaleSpec, TaskSpec
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What every stage may build its command from."""
+
+    task: TaskSpec
+    scale: ScaleSpec
+    attempt: Attempt
+    data_dir: Path  # the scale's token shards
+    eval_sets: Path | None = None  # the prepared eval sets, when the scale scores with lm-eval
+
+    @property
+    def script(self) -> Path:
+        """The attempt's spliced template."""
+        return self.attempt.file(self.task.template)
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    """How a stage ended, judged from its files and the runner's view of its end."""
+
+    status: Status
+    reason: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    # The stage's own fields of its record (the loss curve, lm-eval's versions...).
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Stage(Protocol):
+    name: str
+    # GPUs the stage takes on a CUDA scale: None for the scale's nproc_per_node.
+    gpus: int | None
+    # Other folders the stage reads (mounted read-only by container runners).
+
+    def reads(self, ctx: StageContext) -> tuple[Path, ...]: ...
+
+    def build(self, ctx: StageContext) -> StageSpec: ...
+
+    def collect(self, ctx: StageContext, run: StageRun, out_dir: Path) -> StageOutcome: ...
+
+
+def outcome(status: Status, reason: str, **details: Any) -> StageOutcome:
+    """A failed stage's outcome, with its own record fields."""
+    return StageOutcome(status, reason, {}, details)
