@@ -35,7 +35,8 @@ from harness.runners.local import LocalRunner  # noqa: E402
 from harness.task import load_task  # noqa: E402
 
 
-def short_scale(task_dir: Path, base: str, iters: int, log_interval: int) -> str:
+def short_scale(task_dir: Path, base: str, iters: int, log_interval: int,
+                nproc: int | None = None) -> str:
     text = (task_dir / "scales" / f"{base}.toml").read_text()
     import tomllib
 
@@ -45,7 +46,7 @@ def short_scale(task_dir: Path, base: str, iters: int, log_interval: int) -> str
                log_interval=log_interval, warmup_iters=min(iters, 10))
     s = data["scale"]
     lines = ["[scale]", f'name = "{name}"', f'description = "{base}, {iters} iterations"',
-             f'device = "{s["device"]}"', f'nproc_per_node = {s["nproc_per_node"]}',
+             f'device = "{s["device"]}"', f'nproc_per_node = {nproc or s["nproc_per_node"]}',
              'dataset = "synthetic"', 'stages = ["pretrain"]', "timeout_s = 1800", "", "[config]"]
     lines += [f"{k} = {json.dumps(v)}" if not isinstance(v, bool) else f"{k} = {str(v).lower()}"
               for k, v in cfg.items()]
@@ -82,6 +83,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--log-interval", type=int, default=5)
     p.add_argument("--submission", type=Path, default=REPO / "baselines" / "binary_sign")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--nproc", type=int, default=None,
+                   help="processes (GPUs) instead of the scale's nproc_per_node, e.g. 1 on a "
+                        "one-GPU machine: the same per-GPU step, not the scale's token count")
     p.add_argument("--eval-checks", action="store_true",
                    help="also run the eval stage's checks on the checkpoint in this process: "
                         "low-bit audit, val_loss recomputation and the cross-check (needs lm_eval)")
@@ -90,7 +94,8 @@ def main(argv: list[str]) -> int:
         work = Path(tmp)
         task_dir = work / "task"
         shutil.copytree(load_task().root, task_dir)
-        scale_name = short_scale(task_dir, args.scale, args.iters, args.log_interval)
+        scale_name = short_scale(task_dir, args.scale, args.iters, args.log_interval,
+                                 args.nproc)
         task = load_task(str(task_dir))
         scale = task.scale(scale_name)
         data = work / "data"

@@ -126,7 +126,13 @@ def stages_of(task: TaskSpec, scale: ScaleSpec) -> list[Stage]:
     if unknown:
         raise UserError(f"unknown stage(s) {', '.join(unknown)}", where=str(task.root),
                         fix=f"stages this harness runs: {', '.join(STAGES)}")
-    return [STAGES[s] for s in task.stages if s in scale.stages]
+    stages = [STAGES[s] for s in task.stages if s in scale.stages]
+    problems = [p for stage in stages for p in stage.check(task)]
+    if problems:
+        raise UserError(f"the task's declarations do not fit its stages: {'; '.join(problems)}",
+                        where=str(task.root / "task.toml"),
+                        fix="`harness validate-task` lists every problem of the task")
+    return stages
 
 
 def new_attempt(runs_dir: Path, prepared: Prepared) -> Attempt:
@@ -230,7 +236,9 @@ def run_submission(prepared: Prepared, task: TaskSpec, scale: ScaleSpec, *, runs
     """A plain attempt outside sessions (`harness run`, `harness baselines`): the pre-flight
     first when asked (a refusal raises before any attempt exists), then a new attempt folder
     and its stages."""
-    # Missing data is refused before the pre-flight spends its minute.
+    # A task its stages cannot run, or missing data, is refused before the pre-flight
+    # spends its minute.
+    stages_of(task, scale)
     dataset_dir(scale, data)
     checks = preflight_or_refuse(prepared, task, runner, work_root=runs_dir) if preflight \
         else None

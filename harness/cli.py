@@ -457,12 +457,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     root = data_root(args.data_dir)
     evals = args.evals or (lmeval.evals_dir(task.scale("smoke"), root) if args.smoke
                            else root / "evals")
-    attempt, _, _ = lmeval.resolve_target(args.target, args.script)
+    attempt, _, _ = lmeval.resolve_target(task, args.target, args.script)
     out = args.out or attempt / "lm-eval-manual"
     settings = lmeval.EvalSettings(limit=args.limit, bootstrap_iters=args.bootstrap_iters,
                                    device=args.device)
-    got = lmeval.run_manual(args.target, evals=evals, out_dir=out, settings=settings,
-                            task_root=task.root, script=args.script)
+    got = lmeval.run_manual(task, args.target, evals=evals, out_dir=out, settings=settings,
+                            script=args.script)
     for name, value in got.metrics.items():
         print(f"{name:<14} {value:.4f}")
     print(f"{got.status}: {got.reason}; eval.json and logs in {_shown(str(out))}")

@@ -32,6 +32,7 @@ from harness.attempt import (
     preflight_or_refuse,
     prepare,
     run_attempt,
+    stages_of,
 )
 from harness.errors import CheckFailed, UserError
 from harness.ledger import (
@@ -96,7 +97,8 @@ class Session:
                runner: Runner | None = None, data_dir: Path | None = None) -> Session:
         spec = load_task(task)
         scale_name = scale or spec.default_scale
-        spec.scale(scale_name)  # an unknown scale is refused now, not at the first test
+        # An unknown scale, or a task its stages cannot run, is refused now, not at a test.
+        stages_of(spec, spec.scale(scale_name))
         _check_start_args(agent, mode, budget)
         ledger = Ledger(home)
         row = SessionRow(

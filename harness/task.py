@@ -55,6 +55,8 @@ class MetricSpec:
     # The stage whose frozen code computes the official value; when it differs from `stage`,
     # `stage`'s own number must agree with it (harness/attempt.py, cross_check).
     scored_by: str = ""
+    # Where its stage reads it; for an lm-eval metric, "lm-eval task/metric" (stages/lmeval.py).
+    source: str = ""
 
     @property
     def scorer(self) -> str:
@@ -267,13 +269,14 @@ def load_task(task: str | Path = DEFAULT_TASK) -> TaskSpec:
     metrics = []
     for name, raw in top.get("metrics", dict).items():
         m = _Reader(raw, f"{where} [metrics.{name}]")
-        m.reject_unknown({"direction", "stage", "label", "scored_by"})
+        m.reject_unknown({"direction", "stage", "label", "scored_by", "source"})
         direction = m.get("direction", str)
         if direction not in ("min", "max"):
             raise UserError(f"direction must be 'min' or 'max', not {direction!r}", where=m.where)
         metrics.append(MetricSpec(name=name, direction=direction, stage=m.get("stage", str),
                                   label=m.get("label", str, name),
-                                  scored_by=m.get("scored_by", str, "")))
+                                  scored_by=m.get("scored_by", str, ""),
+                                  source=m.get("source", str, "")))
 
     return TaskSpec(
         name=t.get("name", str), version=t.get("version", str), title=t.get("title", str, ""),

@@ -5,10 +5,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from harness.attempt import STAGES
 from harness.errors import UserError
 from harness.task import TaskSpec, load_task
-
-KNOWN_STAGES = ("pretrain", "lm-eval")
 
 
 def template_config(template: str) -> tuple[set[str], set[str]]:
@@ -61,7 +60,7 @@ def _check_scales(task: TaskSpec, keys: set[str]) -> list[str]:
         unknown = sorted(set(scale.config) - keys)
         if unknown:
             problems.append(f"scale {name}: config keys {unknown} are not template globals")
-        bad = [s for s in scale.stages if s not in KNOWN_STAGES]
+        bad = [s for s in scale.stages if s not in STAGES]
         if bad:
             problems.append(f"scale {name}: unknown stages {bad}")
     if task.default_scale not in task.scale_names():
@@ -86,7 +85,8 @@ def validate_task(task_ref: str | Path) -> tuple[list[str], TaskSpec]:
         problems.append(f"config_overrides {missing} are not in the template's OVERRIDABLE")
     if task.primary_metric not in {m.name for m in task.metrics}:
         problems.append(f"primary_metric {task.primary_metric!r} is not a declared metric")
-    problems += [f"unknown stage {s!r}" for s in task.stages if s not in KNOWN_STAGES]
+    problems += [f"unknown stage {s!r}" for s in task.stages if s not in STAGES]
+    problems += [p for s in task.stages if s in STAGES for p in STAGES[s].check(task)]
     if not problems:
         from harness.attempt import region_texts
         from harness.checks.static import check_spliced

@@ -57,7 +57,9 @@ class FakeRunner:
     def _eval(self, spec: StageSpec, stdout: Path, stderr: Path) -> StageRun:
         """What eval_lm.py writes: an eval.json with every headline metric and, when asked
         to (--data-dir), val_loss recomputed from the checkpoint: here training's own."""
-        metrics = {name: 50.0 for name in lmeval.HEADLINE}
+        # Exactly the metrics the stage asked for (--metric NAME=TASK/METRIC), as the script.
+        metrics = {a.removeprefix("--metric=").partition("=")[0]: 50.0
+                   for a in spec.argv if a.startswith("--metric=")}
         if any(a.startswith("--data-dir=") for a in spec.argv):
             metrics["val_loss"] = self.val_loss
         (spec.log_dir / lmeval.EVAL_FILE).write_text(json.dumps(

@@ -102,6 +102,20 @@ def test_validate_task_catches_a_scale_key_the_template_lacks(tmp_path: Path) ->
     assert "scale smoke: config keys ['n_layers'] are not template globals" in bad.stderr
 
 
+def test_a_metric_source_lm_eval_cannot_score_is_refused_before_any_run(tmp_path: Path) -> None:
+    broken = tmp_path / "task"
+    shutil.copytree(TEMPLATE.parent, broken)
+    toml = (broken / "task.toml").read_text()
+    (broken / "task.toml").write_text(toml.replace('source = "piqa/acc"', 'source = "mmlu/acc"'))
+    bad = harness("validate-task", str(broken))
+    assert bad.returncode == 2
+    assert "metric piqa: source 'mmlu/acc' is not an lm-eval 'task/metric'" in bad.stderr
+    runs = tmp_path / "runs"
+    run = harness("run", "baselines/binary_sign", "--task", str(broken), "--runs-dir", str(runs))
+    assert run.returncode == 2 and "metric piqa: source 'mmlu/acc'" in run.stderr
+    assert not runs.exists() or not any(runs.iterdir())  # refused before an attempt existed
+
+
 @pytest.mark.parametrize("args,expect", [
     (["run", "baselines/binary_sign", "--scale", "huge"], "unknown scale 'huge'"),
     (["check", "no/such/submission"], "no/such/submission"),

@@ -29,11 +29,14 @@ from harness.runtime.tokenizer import EOT, tokenizer_files
 from harness.stages import lmeval
 from harness.stages.base import StageOutcome
 from harness.submission import Submission
-from harness.task import TaskSpec
+from harness.task import TaskSpec, load_task
 from tests.conftest import PYTHON, REPO
 
 pytest.importorskip("lm_eval")
 transformers = pytest.importorskip("transformers")
+
+# The task's lm-eval metrics, as its task.toml declares them.
+HEADLINE = lmeval.headline(load_task())
 
 
 @pytest.fixture(autouse=True)
@@ -300,16 +303,37 @@ def _run(tmp_path: Path, returncode: int | None, *, error: dict[str, str] | None
     if report is not None:
         (out / lmeval.EVAL_FILE).write_text(json.dumps(report))
     run = StageRun(returncode, returncode is not None, timed_out, 1.0, out / "o", out / "e")
-    return lmeval.collect(run, out, list(lmeval.HEADLINE))
+    return lmeval.collect(run, out, list(HEADLINE))
 
 
 def test_headline_metrics_are_the_tasks_lm_eval_metrics(task: TaskSpec) -> None:
-    assert {m.name for m in task.metrics if m.stage == lmeval.STAGE} == set(lmeval.HEADLINE)
-    assert {name for name, _ in lmeval.HEADLINE.values()} == set(evals.TASK_NAMES)
+    assert set(HEADLINE) == {m.name for m in task.metrics if m.stage == lmeval.STAGE}
+    assert {name for name, _ in HEADLINE.values()} == set(evals.TASK_NAMES)
+    assert HEADLINE["hellaswag"] == ("hellaswag", "acc_norm")
+
+
+def test_a_metric_source_that_is_no_lm_eval_task_is_refused(task: TaskSpec) -> None:
+    from harness.errors import UserError
+
+    for bad in ("", "wikitext", "mmlu/acc"):
+        metrics = tuple(dataclasses.replace(m, source=bad) if m.name == "piqa" else m
+                        for m in task.metrics)
+        with pytest.raises(UserError, match="metric piqa: source") as e:
+            lmeval.headline(dataclasses.replace(task, metrics=metrics))
+        assert "TASK one of" in (e.value.fix or "")
+
+
+def test_the_stage_asks_the_script_for_the_tasks_metrics(tmp_path: Path) -> None:
+    spec = lmeval.build(script=tmp_path / "eval_lm.py", attempt_dir=tmp_path,
+                        checkpoint=tmp_path / "ckpt.pt", evals=tmp_path / "evals",
+                        out_dir=tmp_path / "out", settings=lmeval.EvalSettings(), timeout_s=1.0,
+                        metrics=HEADLINE)
+    asked = [a.removeprefix("--metric=") for a in spec.argv if a.startswith("--metric=")]
+    assert asked == [f"{k}={t}/{m}" for k, (t, m) in HEADLINE.items()]
 
 
 def test_collect_sorts_failures_by_whose_they_are(tmp_path: Path) -> None:
-    good = {"format": lmeval.FORMAT, "metrics": dict.fromkeys(lmeval.HEADLINE, 50.0)}
+    good = {"format": lmeval.FORMAT, "metrics": dict.fromkeys(HEADLINE, 50.0)}
     assert _run(tmp_path / "a", 0, report=good).status is Status.SUCCEEDED
     nan = {**good, "metrics": {**good["metrics"], "piqa": math.nan}}
     got = _run(tmp_path / "b", 0, report=nan)
@@ -330,7 +354,8 @@ def test_a_forward_that_raises_is_the_submissions_failure(tmp_path: Path, task: 
     attempt = make_attempt(tmp_path / "attempt", task, FAILS_IN_EVAL)
     request = EvalRequest(script=attempt / "custom_pretrain.py",
                           checkpoint=attempt / "pretrain" / "ckpt.pt", evals=smoke_evals,
-                          out=tmp_path / "out" / "eval.json", limit=2, bootstrap_iters=10)
+                          out=tmp_path / "out" / "eval.json", limit=2, bootstrap_iters=10,
+                          metrics=HEADLINE)
     with pytest.raises(SubmissionFailure, match="no eval for me"):
         evaluate(request)
     assert not request.out.exists()
@@ -412,7 +437,7 @@ def test_attempt_runs_the_stage_and_merges_its_metrics(tmp_path: Path, task: Tas
                                                  offset=0.004)
     assert result.status == "succeeded", result.reason
     record = json.loads(paths.record_path.read_text())
-    assert sorted(record["metrics"]) == sorted(["val_loss", *lmeval.HEADLINE])
+    assert sorted(record["metrics"]) == sorted(["val_loss", *HEADLINE])
     # The official val_loss is the eval stage's, from the checkpoint; training's is kept.
     assert record["metrics"]["val_loss"] == pytest.approx(true, abs=1e-6)
     assert record["stages"]["pretrain"]["trained_metrics"]["val_loss"] == true + 0.004
@@ -444,7 +469,7 @@ def _check_samples(stage_dir: Path, report: dict[str, Any]) -> None:
     rows = [json.loads(line) for line in (stage_dir / lmeval_report.SAMPLES_FILE).read_text()
             .splitlines()]
     assert len(rows) == len(evals.TASKS) * lmeval.SMOKE_LIMIT == report["samples_lines"]
-    for ours, (name, metric) in lmeval.HEADLINE.items():
+    for ours, (name, metric) in HEADLINE.items():
         if metric in lmeval_report.PERCENT_METRICS:
             values = [r[metric] for r in rows if r["task"] == name]
             assert report["metrics"][ours] == pytest.approx(100 * sum(values) / len(values))

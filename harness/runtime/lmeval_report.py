@@ -1,8 +1,8 @@
 """eval.json's format: what the lm-eval stage's process writes and the host stage reads.
 
-Metric names and units live here, so the entry script, the stage and the docs agree:
-accuracies are percent (46.68, not 0.4668), as in the task statement's table; perplexities
-are plain ratios; bits_per_byte is in bits.
+Units live here, so the entry script, the stage and the docs agree: accuracies are percent
+(46.68, not 0.4668), as in the task statement's table; perplexities are plain ratios;
+bits_per_byte is in bits.
 """
 
 from __future__ import annotations
@@ -17,15 +17,9 @@ CONVENTION = ("accuracies (acc, acc_norm) and their stderr are percent: 46.68 me
               "perplexities are ratios (exp of the mean negative log-likelihood per word or "
               "token); bits_per_byte is in bits")
 
-# Our name -> (lm-eval task, lm-eval metric). Headline metrics are the task's own (task.toml).
-HEADLINE: dict[str, tuple[str, str]] = {
-    "wikitext2_ppl": ("wikitext", "word_perplexity"),
-    "lambada_ppl": ("lambada_openai", "perplexity"),
-    "arc_easy": ("arc_easy", "acc"),
-    "hellaswag": ("hellaswag", "acc_norm"),
-    "piqa": ("piqa", "acc"),
-    "winogrande": ("winogrande", "acc"),
-}
+# The headline metrics are the task's (task.toml `source`, passed in by the stage). These are
+# the other numbers of the same lm-eval tasks, kept beside them for readers: our name ->
+# (lm-eval task, lm-eval metric).
 SECONDARY: dict[str, tuple[str, str]] = {
     "wikitext2_byte_ppl": ("wikitext", "byte_perplexity"),
     "wikitext2_bits_per_byte": ("wikitext", "bits_per_byte"),
@@ -63,10 +57,12 @@ def task_metrics(task_results: Mapping[str, Any]) -> dict[str, dict[str, float |
     return out
 
 
-def summarize(results: Mapping[str, Any], tasks: Mapping[str, str]) -> dict[str, Any]:
+def summarize(results: Mapping[str, Any], tasks: Mapping[str, str],
+              headline: Mapping[str, tuple[str, str]]) -> dict[str, Any]:
     """eval.json's metric sections from simple_evaluate's results.
 
-    `tasks` maps lm-eval's task name to the name ours is registered under (harness_...).
+    `tasks` maps lm-eval's task name to the name ours is registered under (harness_...);
+    `headline` the task's metric names to (lm-eval task, lm-eval metric).
     """
     per_task: dict[str, Any] = {}
     for name, ours in tasks.items():
@@ -81,6 +77,6 @@ def summarize(results: Mapping[str, Any], tasks: Mapping[str, str]) -> dict[str,
     detail = {k: {"lm_eval_task": t, "lm_eval_metric": m,
                   "stderr": per_task[t]["metrics"].get(m, {}).get("stderr"),
                   "samples": per_task[t]["samples"]}
-              for k, (t, m) in {**HEADLINE, **SECONDARY}.items()}
-    return {"metrics": pick(HEADLINE), "secondary": pick(SECONDARY), "detail": detail,
+              for k, (t, m) in {**headline, **SECONDARY}.items()}
+    return {"metrics": pick(headline), "secondary": pick(SECONDARY), "detail": detail,
             "tasks": per_task, "convention": CONVENTION}

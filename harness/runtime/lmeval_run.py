@@ -12,7 +12,7 @@ import importlib.metadata
 import json
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,9 @@ class EvalRequest:
     # The attempt's token shards: val_loss is recomputed from their validation split. None
     # (`harness eval` on a bare checkpoint): no val_loss.
     data_dir: Path | None = None
+    # The task's headline metrics: our name -> (lm-eval task, lm-eval metric), as task.toml
+    # declares them (`source`); the stage passes them in, eval.json reports exactly these.
+    metrics: Mapping[str, tuple[str, str]] = field(default_factory=dict)
 
 
 def _jsonable(value: Any) -> Any:
@@ -201,6 +204,9 @@ def evaluate(request: EvalRequest) -> dict[str, Any]:
     from harness.runtime.integrity import IntegrityError, TorchTable, source_of, verify
 
     t0 = time.monotonic()
+    unknown = sorted({t for t, _ in request.metrics.values()} - set(evalsets.TASK_NAMES))
+    if unknown:
+        raise RuntimeError(f"metrics asked of lm-eval tasks we do not run: {unknown}")
     # Before the submission's module is imported: what its torch must still be when scoring.
     table = TorchTable()
     out = Path(request.out)
@@ -236,7 +242,8 @@ def evaluate(request: EvalRequest) -> dict[str, Any]:
     names = {t.harness_task: t.name for t in evalsets.TASKS}
     samples_path = out.parent / stage.SAMPLES_FILE
     n_samples = write_samples(samples_path, results.get("samples", {}), names)
-    summary = stage.summarize(results, {name: ours for ours, name in names.items()})
+    summary = stage.summarize(results, {name: ours for ours, name in names.items()},
+                              request.metrics)
     if val is not None:
         summary["metrics"]["val_loss"] = val["value"]
     report = {

@@ -48,8 +48,12 @@ class Stage(Protocol):
     name: str
     # GPUs the stage takes on a CUDA scale: None for the scale's nproc_per_node.
     gpus: int | None
-    # Other folders the stage reads (mounted read-only by container runners).
 
+    # What in the task's declarations this stage cannot run with (empty: nothing); checked
+    # before an attempt is created, and by `harness validate-task`.
+    def check(self, task: TaskSpec) -> list[str]: ...
+
+    # Other folders the stage reads (mounted read-only by container runners).
     def reads(self, ctx: StageContext) -> tuple[Path, ...]: ...
 
     def build(self, ctx: StageContext) -> StageSpec: ...

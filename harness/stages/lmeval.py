@@ -1,8 +1,9 @@
 """The lm-eval stage: the frozen eval_lm.py scores the trained checkpoint; scores come from
 the eval.json it writes.
 
-eval.json's format (metric names and units) lives in harness.runtime.lmeval_report, which
-the stage's own process writes it with.
+eval.json's format (units, the secondary numbers) lives in harness.runtime.lmeval_report,
+which the stage's own process writes it with; the headline metrics are the task's, each
+declared in task.toml with the lm-eval task and metric it is (`source`).
 """
 
 from __future__ import annotations
@@ -10,19 +11,18 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from harness.record import Status
 from harness.runners.base import StageRun, StageSpec
-from harness.runtime.lmeval_report import FORMAT, FULL_BOOTSTRAP_ITERS, HEADLINE
+from harness.runtime.lmeval_report import FORMAT, FULL_BOOTSTRAP_ITERS
 from harness.stages.base import StageContext, StageOutcome, outcome
-from harness.task import ScaleSpec
+from harness.task import ScaleSpec, TaskSpec
 
 STAGE = "lm-eval"
-SCRIPT = "eval_lm.py"
 EVAL_FILE = "eval.json"
 ERROR_FILE = "error.json"
 # The smoke scale proves the path, not the numbers: a few documents per task, and a short
@@ -45,6 +45,34 @@ def settings_for(scale: ScaleSpec) -> EvalSettings:
     return EvalSettings(device=scale.device)
 
 
+def _sources(task: TaskSpec) -> tuple[dict[str, tuple[str, str]], list[str]]:
+    from harness.runtime.evalsets import TASK_NAMES
+
+    out, problems = {}, []
+    for m in task.metrics:
+        if m.stage != STAGE:
+            continue
+        lm_task, _, lm_metric = m.source.partition("/")
+        if lm_metric and lm_task in TASK_NAMES:
+            out[m.name] = (lm_task, lm_metric)
+        else:
+            problems.append(f"metric {m.name}: source {m.source!r} is not an lm-eval "
+                            "'task/metric' of the tasks this stage runs")
+    return out, problems
+
+
+def headline(task: TaskSpec) -> dict[str, tuple[str, str]]:
+    """The task's lm-eval metrics: name -> (lm-eval task, lm-eval metric), from `source`."""
+    from harness.errors import UserError
+    from harness.runtime.evalsets import TASK_NAMES
+
+    out, problems = _sources(task)
+    if problems:
+        raise UserError("; ".join(problems), where=str(task.root / "task.toml"),
+                        fix=f"set source = \"TASK/METRIC\", TASK one of {', '.join(TASK_NAMES)}")
+    return out
+
+
 def evals_dir(scale: ScaleSpec, data_root: Path) -> Path:
     """Where a scale's eval sets live; the smoke ones are built on first use from the corpus."""
     from harness.data.evals import prepare_smoke_evals
@@ -64,11 +92,12 @@ def evals_dir(scale: ScaleSpec, data_root: Path) -> Path:
 
 
 def build(*, script: Path, attempt_dir: Path, checkpoint: Path, evals: Path, out_dir: Path,
-          settings: EvalSettings, timeout_s: float, python: str = sys.executable,
-          data_dir: Path | None = None) -> StageSpec:
+          settings: EvalSettings, timeout_s: float, metrics: Mapping[str, tuple[str, str]],
+          python: str = sys.executable, data_dir: Path | None = None) -> StageSpec:
     argv = [python, str(script), f"--attempt-dir={attempt_dir}", f"--checkpoint={checkpoint}",
             f"--evals={evals}", f"--out={out_dir / EVAL_FILE}",
             f"--bootstrap-iters={settings.bootstrap_iters}", f"--device={settings.device}"]
+    argv += [f"--metric={name}={task}/{metric}" for name, (task, metric) in metrics.items()]
     if data_dir is not None:
         argv.append(f"--data-dir={data_dir}")
     if settings.limit is not None:
@@ -156,6 +185,9 @@ class LmEvalStage:
     name = STAGE
     gpus: int | None = 1
 
+    def check(self, task: TaskSpec) -> list[str]:
+        return _sources(task)[1]
+
     def reads(self, ctx: StageContext) -> tuple[Path, ...]:
         assert ctx.eval_sets is not None
         return (ctx.eval_sets, ctx.data_dir)
@@ -166,7 +198,8 @@ class LmEvalStage:
         return build(script=script, attempt_dir=ctx.attempt.root,
                      checkpoint=ctx.attempt.root / ctx.task.checkpoint, evals=ctx.eval_sets,
                      out_dir=ctx.attempt.stage_dir(STAGE), settings=settings_for(ctx.scale),
-                     timeout_s=float(ctx.scale.timeout_s), data_dir=ctx.data_dir)
+                     timeout_s=float(ctx.scale.timeout_s), metrics=headline(ctx.task),
+                     data_dir=ctx.data_dir)
 
     def collect(self, ctx: StageContext, run: StageRun, out_dir: Path) -> StageOutcome:
         return collect(run, out_dir, [m.name for m in ctx.task.metrics if m.scorer == STAGE])
@@ -174,42 +207,48 @@ class LmEvalStage:
 
 # --- `harness eval`: the stage on any attempt or checkpoint -------------------------------------
 
-def resolve_target(target: Path, script: Path | None = None) -> tuple[Path, Path, Path]:
-    """(attempt dir, spliced script, checkpoint) for an attempt folder or a ckpt.pt file.
+def resolve_target(task: TaskSpec, target: Path,
+                   script: Path | None = None) -> tuple[Path, Path, Path]:
+    """(attempt dir, spliced script, checkpoint) for an attempt folder or a checkpoint file.
 
-    A checkpoint inside an attempt (ATTEMPT/pretrain/ckpt.pt) finds its script there.
+    A checkpoint where the task puts it in an attempt (task.checkpoint, pretrain/ckpt.pt)
+    finds the attempt's spliced template there; any other file is its own folder's.
     """
     from harness.errors import UserError
 
     target = Path(target).resolve()
+    inside = Path(task.checkpoint).parts
     if target.is_dir():
-        attempt, checkpoint = target, target / "pretrain" / "ckpt.pt"
+        attempt, checkpoint = target, target / task.checkpoint
     elif target.is_file():
         checkpoint = target
-        attempt = target.parent.parent if target.parent.name == "pretrain" else target.parent
+        at_home = target.parts[-len(inside):] == inside
+        attempt = target.parents[len(inside) - 1] if at_home else target.parent
     else:
         raise UserError("no such attempt folder or checkpoint", where=str(target))
-    script = Path(script).resolve() if script else attempt / "custom_pretrain.py"
-    for path, what in ((checkpoint, "checkpoint"), (script, "spliced custom_pretrain.py")):
+    script = Path(script).resolve() if script else attempt / task.template
+    for path, what in ((checkpoint, "checkpoint"), (script, f"spliced {task.template}")):
         if not path.is_file():
             raise UserError(f"no {what} at {path}", where=str(target),
                             fix="pass an attempt folder, or a ckpt.pt with --script FILE")
     return attempt, script, checkpoint
 
 
-def run_manual(target: Path, *, evals: Path, out_dir: Path, settings: EvalSettings,
-               task_root: Path, script: Path | None = None, timeout_s: float = 24 * 3600,
-               expected: Sequence[str] = tuple(HEADLINE)) -> StageOutcome:
-    """The frozen eval_lm.py of the task on `target`, through the local runner."""
+def run_manual(task: TaskSpec, target: Path, *, evals: Path, out_dir: Path,
+               settings: EvalSettings, script: Path | None = None,
+               timeout_s: float = 24 * 3600) -> StageOutcome:
+    """The task's frozen eval script on `target`, through the local runner. With no token
+    shards given, the metrics another stage owns (val_loss) are not recomputed."""
     from harness.runners.local import LocalRunner
     from harness.runtime.evalsets import read_manifest
 
-    attempt, spliced, checkpoint = resolve_target(target, script)
+    attempt, spliced, checkpoint = resolve_target(task, target, script)
     read_manifest(evals)  # unprepared eval sets are the user's to fix: exit 2, not a failure
     out_dir = Path(out_dir).resolve()
-    spec = build(script=task_root / SCRIPT, attempt_dir=attempt, checkpoint=checkpoint,
-                 evals=Path(evals).resolve(), out_dir=out_dir, settings=settings,
-                 timeout_s=timeout_s)
+    metrics = headline(task)
+    spec = build(script=task.root / task.eval_script, attempt_dir=attempt,
+                 checkpoint=checkpoint, evals=Path(evals).resolve(), out_dir=out_dir,
+                 settings=settings, timeout_s=timeout_s, metrics=metrics)
     spec = StageSpec(name=spec.name, argv=(*spec.argv, f"--script={spliced}"), cwd=spec.cwd,
                      log_dir=spec.log_dir, timeout_s=spec.timeout_s, env=spec.env)
-    return collect(LocalRunner().run(spec), out_dir, expected)
+    return collect(LocalRunner().run(spec), out_dir, list(metrics))

@@ -14,7 +14,7 @@ from harness.runners.base import StageRun, StageSpec
 from harness.runtime.launch import LAUNCH_FILE
 from harness.runtime.procs import outside_signal
 from harness.stages.base import StageContext, StageOutcome, outcome
-from harness.task import ScaleSpec
+from harness.task import ScaleSpec, TaskSpec
 
 STAGE = "pretrain"
 GUARD = "harness.runtime.guard"
@@ -44,6 +44,9 @@ class PretrainStage:
 
     name = STAGE
     gpus: int | None = None  # the scale's nproc_per_node
+
+    def check(self, task: TaskSpec) -> list[str]:
+        return []  # the template's own checks are harness validate-task's
 
     def reads(self, ctx: StageContext) -> tuple[Path, ...]:
         return (ctx.data_dir,)

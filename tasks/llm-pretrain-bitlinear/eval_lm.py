@@ -1,7 +1,7 @@
 """Frozen lm-eval entry: score an attempt's checkpoint on the six eval sets, write eval.json.
 
-    python eval_lm.py --attempt-dir RUN --evals DIR --out RUN/lm-eval/eval.json [--limit N]
-                      [--data-dir SHARDS]
+    python eval_lm.py --attempt-dir RUN --evals DIR --out RUN/lm-eval/eval.json
+                      --metric NAME=TASK/METRIC ... [--limit N] [--data-dir SHARDS]
 
 The spliced custom_pretrain.py of the attempt is imported only to build its GPT (the
 submission's BitLinear included) from the checkpoint; lm-eval scores it offline from the
@@ -38,6 +38,10 @@ def parse_args(argv):
     p.add_argument("--data-dir", type=Path, default=None,
                    help="the attempt's token shards: also score val_loss on their val split")
     p.add_argument("--out", type=Path, required=True, help="eval.json to write")
+    p.add_argument("--metric", type=metric_arg, action="append", required=True,
+                   dest="metrics", metavar="NAME=TASK/METRIC",
+                   help="a headline metric: our name, the lm-eval task and its metric "
+                        "(task.toml's `source`; repeat for each)")
     p.add_argument("--limit", type=int, default=None, help="documents per task (quick runs)")
     p.add_argument("--bootstrap-iters", type=int, default=100_000,
                    help="resamples for perplexity stderr (lm-eval's default 100000)")
@@ -46,6 +50,14 @@ def parse_args(argv):
     p.add_argument("--batch-tokens", type=int, default=0,
                    help="padded tokens per forward pass; 0 picks from the device's memory")
     return p.parse_args(argv)
+
+
+def metric_arg(text):
+    name, _, source = text.partition("=")
+    task, _, metric = source.partition("/")
+    if not (name and task and metric):
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=TASK/METRIC")
+    return name, (task, metric)
 
 
 def write_error(out, kind, message):
@@ -72,7 +84,7 @@ def main(argv):
                 checkpoint=args.checkpoint or attempt / "pretrain" / "ckpt.pt",
                 evals=args.evals.resolve(), out=out, limit=args.limit,
                 bootstrap_iters=args.bootstrap_iters, device=args.device, dtype=args.dtype,
-                batch_tokens=args.batch_tokens,
+                batch_tokens=args.batch_tokens, metrics=dict(args.metrics),
                 data_dir=args.data_dir.resolve() if args.data_dir else None))
     except Exception as e:
         from harness.runtime.lmeval_run import RuleViolation, SubmissionFailure
