@@ -17,6 +17,7 @@ import math
 import os
 import socket
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, fields
@@ -302,12 +303,31 @@ def connect(path: Path) -> sqlite3.Connection:
         conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA foreign_keys = ON")
-        # WAL: readers (audit, status) never block the one writer, nor it them.
-        conn.execute("PRAGMA journal_mode = WAL")
+        _use_wal(conn)
     except sqlite3.DatabaseError as e:
         raise UserError(f"cannot open the ledger: {e}", where=str(path),
                         fix="point --home (or $HARNESS_HOME) at a harness home directory") from None
     return conn
+
+
+def _use_wal(conn: sqlite3.Connection, deadline_s: float = BUSY_TIMEOUT_S) -> None:
+    """Put the file in WAL mode, so readers (audit, status) and the one writer never block.
+
+    WAL is a property of the file: after the first open this only reads it. The conversion
+    itself needs the file alone and SQLite answers "database is locked" at once, without its
+    busy handler, when another process has it open — as when several sessions start together
+    on a fresh home — so it is retried here until the same deadline the busy timeout uses.
+    """
+    give_up = time.monotonic() + deadline_s
+    pause = 0.005
+    while conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > give_up:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
 
 
 def user_version(conn: sqlite3.Connection) -> int:

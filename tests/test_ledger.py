@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from harness.audit import recover
 from harness.errors import UserError
 from harness.ledger import (
+    LEDGER_FILE,
     MIGRATIONS,
     SCHEMA_VERSION,
     Ledger,
@@ -328,3 +330,23 @@ def test_each_process_has_its_own_connection_and_sees_committed_writes(tmp_path:
         assert b.session("ses-a").agent == "unit"
         with pytest.raises(sqlite3.IntegrityError):
             make_session(b, "ses-a")
+
+
+def test_opening_a_fresh_file_waits_while_another_connection_writes(tmp_path: Path) -> None:
+    # Sessions started together on a fresh home race to turn the file into WAL mode, and
+    # SQLite refuses that conversion at once, without its busy timeout, while another
+    # connection is writing (seen in CI as "cannot open the ledger: database is locked").
+    path = tmp_path / LEDGER_FILE
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("CREATE TABLE early (x)")
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("INSERT INTO early VALUES (1)")
+    release = threading.Timer(0.3, lambda: holder.execute("COMMIT"))
+    release.start()
+    try:
+        conn = connect(path)
+    finally:
+        release.join()
+        holder.close()
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
