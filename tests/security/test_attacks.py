@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -263,7 +264,10 @@ def test_tampering_with_frozen_or_torch_code_is_a_rule_violation(
         make: Callable[[TaskSpec], str], reason: str, task: TaskSpec,
         observe: Callable[..., Observed]) -> None:
     seen = observe(_unchecked(task, make(task), make.__name__), _pretrain_only(task))
-    assert (seen.result.status, seen.result.reason) == ("rule_violation", reason)
+    assert seen.result.status == "rule_violation"
+    # Every rank runs the same check; which one reports first (and so is named) is up to the
+    # scheduler, and torchrun stops the others. The rule and the message are what must hold.
+    assert re.sub(r"rank \d+\)", "rank 0)", seen.result.reason, count=1) == reason
 
 
 @pytest.mark.security
