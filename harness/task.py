@@ -77,6 +77,9 @@ class ScaleSpec:
     timeout_s: int
     config: dict[str, Any] = field(hash=False, compare=False)
     path: Path = field(hash=False, compare=False, default=Path())
+    # No progress (the template's progress file unchanged) for this long: the stage is
+    # stopped as a failure of ours and resumed. 0: no stall watchdog.
+    stall_timeout_s: int = 0
 
     def cli_args(self) -> list[str]:
         """The scale's config as the template's --name=value arguments."""
@@ -182,7 +185,7 @@ def _parse_scale(path: Path, data: dict[str, Any]) -> ScaleSpec:
     top.reject_unknown({"scale", "config"})
     s = _Reader(top.get("scale", dict), f"{path} [scale]")
     s.reject_unknown({"name", "description", "device", "nproc_per_node", "dataset", "stages",
-                      "timeout_s"})
+                      "timeout_s", "stall_timeout_s"})
     name = s.get("name", str)
     if name != path.stem:
         raise UserError(f"scale name {name!r} differs from the file name {path.stem!r}",
@@ -199,7 +202,7 @@ def _parse_scale(path: Path, data: dict[str, Any]) -> ScaleSpec:
         name=name, description=s.get("description", str), device=device,
         nproc_per_node=s.get("nproc_per_node", int), dataset=s.get("dataset", str),
         stages=tuple(s.get("stages", list)), timeout_s=s.get("timeout_s", int),
-        config=dict(config), path=path,
+        config=dict(config), path=path, stall_timeout_s=s.get("stall_timeout_s", int, 0),
     )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import traceback
 from contextlib import AbstractContextManager
@@ -50,6 +51,16 @@ def out_dir_of(args: list[str]) -> Path:
         if arg.startswith("--out_dir="):
             return Path(arg.split("=", 1)[1])
     return Path("out")
+
+
+def resumed_at(args: list[str]) -> int:
+    """The iteration a resumed launch starts at, from the checkpoint's name (resume-NNNNNNN.pt,
+    which the template checks against the iteration the file holds); 0 for a first launch."""
+    for arg in args:
+        if arg.startswith("--resume_from="):
+            found = re.search(r"resume-(\d{7})\.pt$", arg)
+            return int(found[1]) if found else 0
+    return 0
 
 
 class Auditor:
@@ -117,7 +128,7 @@ def main(argv: list[str]) -> int:
     auditor = Auditor(module, source, table, out_dir)
     setattr(module, "RUN_AUDIT", auditor)  # noqa: B010 (a template global, not an attribute mypy knows)
     module.run(args)
-    missed = skipped_audits(module, auditor)
+    missed = skipped_audits(module, auditor, resumed_at(args))
     if missed:
         record_violation(out_dir, "audit-skipped", missed, step=None)
         print(f"rule violation: {missed}", file=sys.stderr)
@@ -125,13 +136,14 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def skipped_audits(module: ModuleType, auditor: Auditor) -> str | None:
-    """Why the run was not audited at every evaluation, or None: a run that unhooked the
-    audit could have used float weights between pre-flight and the checkpoint."""
+def skipped_audits(module: ModuleType, auditor: Auditor, start: int = 0) -> str | None:
+    """Why the run was not audited at every evaluation from iteration `start` on, or None: a
+    run that unhooked the audit could have used float weights between pre-flight and the
+    checkpoint. A resumed launch's earlier evaluations were audited by the launches before."""
     if getattr(module, "RUN_AUDIT", None) is not auditor:
         return "the template's RUN_AUDIT hook was replaced during the run"
     last, every = int(module.max_iters), int(module.eval_interval)
-    expected = sorted({*range(0, last + 1, every), last})
+    expected = [s for s in sorted({*range(0, last + 1, every), last}) if s >= start]
     if auditor.steps != expected:
         return (f"audited at steps {auditor.steps[:5]}, expected {expected[:5]} "
                 f"({len(auditor.steps)} of {len(expected)} evaluations)")

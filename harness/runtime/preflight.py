@@ -336,6 +336,11 @@ def judge_ddp(run: ProcessRun, out: Path) -> CheckResult:
         return CheckResult("ddp", "fail", wall, "still running when the pre-flight time limit "
                            "ran out: the submission hangs or is far too slow",
                            {"log_tail": run.tail(), "error_records": errors})
+    if errors and errors[0].get("kind") == "diverged":
+        # The template's loss watchdog stopped the run: a numerics failure (that check
+        # reports it), not a sign that DDP itself is broken.
+        return CheckResult("ddp", "warn", wall, f"not judged: the run stopped early, "
+                           f"{errors[0].get('message')}", {"file": errors[0]["file"]})
     if errors:
         first = errors[0]
         message = str(first.get("message", ""))
@@ -387,6 +392,9 @@ def judge_numerics(out: Path, ddp: CheckResult) -> CheckResult | None:
     if bad:
         step, key, value = bad[0]
         return done("fail", f"{key} is {value} at step {step}")
+    stopped = [e for e in _error_records(out) if e.get("kind") == "diverged"]
+    if stopped:
+        return done("fail", f"{stopped[0].get('message')}: the loss left the scale's bound")
     if len(vals) < 2:
         if ddp.status != "pass":
             return None

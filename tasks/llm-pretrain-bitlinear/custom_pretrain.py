@@ -151,6 +151,11 @@ device = "auto"  # auto: cuda when present, else cpu
 dtype = "auto"  # auto: bfloat16 on cuda, float32 on cpu
 compile = True
 backend = "auto"  # auto: nccl on cuda, gloo on cpu
+# checkpoints, resume and the divergence watchdog
+checkpoint_interval = 0  # iterations between resume checkpoints (always one at the end); 0: end only
+max_train_loss = 0.0  # a train loss above this (or not finite) ends the run as diverged; 0: finite only
+resume_from = ""  # set by the harness: the resume checkpoint to continue from
+resume_sha256 = ""  # ...and its sha256, checked before the file is loaded
 
 CONFIG_KEYS = [k for k, v in list(globals().items())
                if not k.startswith("_") and isinstance(v, (bool, int, float, str))]
@@ -171,6 +176,14 @@ RUN_AUDIT = None
 
 class ConfigError(Exception):
     """A bad --name=value or CONFIG_OVERRIDES entry: one line, exit code 2."""
+
+
+class ResumeError(Exception):
+    """The resume checkpoint cannot be trusted or does not fit this run: one line, exit 2."""
+
+
+class Diverged(Exception):
+    """The train loss left the bounds the scale sets: the submission's doing, exit code 4."""
 
 
 def _coerce(key, raw, default):
@@ -444,6 +457,124 @@ def write_json_atomic(path, obj):
 
 
 # -----------------------------------------------------------------------------
+# Resume checkpoints: everything the loop needs to go on as if never stopped. Rank 0 writes
+# one file holding the model, the optimizer and every rank's RNG states and next batch;
+# RESUME_INDEX names it with its sha256, and is replaced only after the file is on disk.
+
+RESUME_INDEX = "resume.json"
+# Not part of the run's identity: where the run writes does not change what it computes.
+RESUME_KEYS = ("resume_from", "resume_sha256", "out_dir")
+
+
+def rank_state(gen, x, y, device_type):
+    """This rank's random state and its next batch, in types torch.load(weights_only) reads."""
+    import random  # here, not at the top: the BitLinear region's line numbers are documented
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None,
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                      "has_gauss": has_gauss, "gauss": gauss},
+            "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
+            "data": gen.get_state(), "x": x.cpu(), "y": y.cpu()}
+
+
+def restore_rank_state(state, gen, device_type, dev):
+    import random
+
+    torch.set_rng_state(state["torch"])
+    if device_type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    gen.set_state(state["data"])
+    return state["x"].to(dev), state["y"].to(dev)
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_resume(state, it):
+    """Write the checkpoint of iteration `it` durably, then point RESUME_INDEX at it, then drop
+    the one before: a crash at any point leaves an index naming a whole file."""
+    name = f"resume-{it:07d}.pt"
+    path, tmp = os.path.join(out_dir, name), os.path.join(out_dir, name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    index = os.path.join(out_dir, RESUME_INDEX)
+    previous = None
+    if os.path.exists(index):
+        with open(index) as f:
+            previous = json.load(f).get("file")
+    write_json_atomic(index, {"file": name, "iter": it, "sha256": shard_sha256(path),
+                              "bytes": os.path.getsize(path)})
+    fsync_dir(out_dir)
+    if previous and previous != name and os.path.exists(os.path.join(out_dir, previous)):
+        os.remove(os.path.join(out_dir, previous))
+
+
+def load_resume(config, world):
+    """The checkpoint named by --resume_from, after its sha256 and its fit to this run are
+    checked; a foreign, truncated or edited file is refused, never half-loaded."""
+    if not os.path.isfile(resume_from):
+        raise ResumeError(f"{resume_from}: no such resume checkpoint")
+    if shard_sha256(resume_from) != resume_sha256:
+        raise ResumeError(f"{resume_from}: sha256 differs from the one recorded when it was "
+                          f"written; the checkpoint is corrupted or replaced")
+    try:
+        state = torch.load(resume_from, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ResumeError(f"{resume_from}: not a checkpoint this template wrote ({e})") from None
+    mine = {k: v for k, v in config.items() if k not in RESUME_KEYS}
+    if not isinstance(state, dict) or state.get("config") != mine:
+        raise ResumeError(f"{resume_from}: written by a run with other settings")
+    # The guard expects audits from the iteration the file's name gives (harness.runtime.guard).
+    if os.path.basename(resume_from) != f"resume-{state.get('iter', -1):07d}.pt":
+        raise ResumeError(f"{resume_from}: its name does not match the iteration it holds "
+                          f"({state.get('iter')})")
+    if len(state.get("ranks", ())) != world:
+        raise ResumeError(f"{resume_from}: written by {len(state.get('ranks', ()))} "
+                          f"process(es), this run has {world}")
+    return state
+
+
+def trim_log(path, before):
+    """Keep the rows of a jsonl log from before iteration `before`: a resumed run writes the
+    rest again, so the curve stays continuous and has no step twice."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                break  # a torn last line from the killed run
+            if row.get("step", before) < before:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def check_loss(it, loss):
+    if not math.isfinite(loss) or (max_train_loss and loss > max_train_loss):
+        raise Diverged(f"diverged at step {it} (loss {loss:.4g})")
+
+
+# -----------------------------------------------------------------------------
 
 def compiler_settings():
     """Inductor and dynamo options for the training compile; measured in docs/performance.md."""
@@ -505,6 +636,10 @@ def main(argv):
                       bias=bias, vocab_size=vocab_size, dropout=dropout)
     model = GPT(GPTConfig(**model_args)).to(dev)
     optimizer = model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), device_type)
+    resumed = load_resume(config, world) if resume_from else None
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
     raw_model = model
     if compile:
         compiler_settings()
@@ -516,15 +651,48 @@ def main(argv):
         print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters; {world} process(es); "
               f"{tokens_per_iter:,} tokens per iteration; device {dev}, dtype {dt}")
 
-    metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "w") if master else None
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
     # Train loss and wall time at every log interval: the training curve and step timing.
-    train_log = open(os.path.join(out_dir, "train_log.jsonl"), "w") if master else None
+    train_log_path = os.path.join(out_dir, "train_log.jsonl")
     x, y = get_batch(train_shards, weights, gen, dev)
-    t_start = time.time()
+    start_it, elapsed_before = 0, 0.0
     train_loss = torch.zeros((), device=dev)
+    if resumed is not None:
+        start_it, elapsed_before = resumed["iter"], resumed["elapsed_s"]
+        x, y = restore_rank_state(resumed["ranks"][rank], gen, device_type, dev)
+        train_loss = torch.tensor(resumed["train_loss"], device=dev)
+        if master:
+            trim_log(metrics_path, start_it)
+            trim_log(train_log_path, start_it)
+            print(f"resumed at iteration {start_it} from {resume_from}", flush=True)
+        del resumed
+    mode = "a" if start_it else "w"
+    metrics_file = open(metrics_path, mode) if master else None
+    train_log = open(train_log_path, mode) if master else None
+    progress = {"max_iters": max_iters, "iter": start_it, "train_loss": None, "val_loss": None,
+                "tokens_per_s": None, "checkpoint_iter": start_it or None,
+                "resumed_from": start_it or None}
+    t_start = time.time() - elapsed_before  # the training time of earlier segments counts
+    t_mark, it_mark = time.time(), start_it
     val_loss = float("nan")
-    for it in range(max_iters + 1):
+    checkpoint_s = []
+    for it in range(start_it, max_iters + 1):
         last = it == max_iters
+        if it > start_it and (last or (checkpoint_interval and it % checkpoint_interval == 0)):
+            # Before the evaluation: a resumed run redoes it, the audit's randomness included.
+            t0 = time.time()
+            state = rank_state(gen, x, y, device_type)
+            states = [None] * world if ddp else [state]
+            if ddp:
+                dist.all_gather_object(states, state)
+            if master:
+                save_resume({"iter": it, "model": raw_model.state_dict(),
+                             "optimizer": optimizer.state_dict(), "ranks": states,
+                             "train_loss": train_loss.item(), "elapsed_s": time.time() - t_start,
+                             "config": {k: v for k, v in config.items() if k not in RESUME_KEYS}},
+                            it)
+            checkpoint_s.append(time.time() - t0)
+            progress["checkpoint_iter"] = it
         if it % eval_interval == 0 or last:
             if RUN_AUDIT is not None:
                 RUN_AUDIT(raw_model, x, y, ctx, it)
@@ -538,6 +706,8 @@ def main(argv):
                        "elapsed_s": time.time() - t_start}
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
+                progress.update(iter=it, val_loss=val_loss, elapsed_s=time.time() - t_start)
+                write_json_atomic(os.path.join(out_dir, "progress.json"), progress)
         if last:
             break
         lr = get_lr(it)
@@ -558,12 +728,21 @@ def main(argv):
         optimizer.zero_grad(set_to_none=True)
         if it % log_interval == 0:
             train_loss = loss.detach() * accum
+            # Every rank looks at its own loss: a diverging run stops within one interval.
+            tl = train_loss.item()
+            check_loss(it, tl)
             if master:
-                tl, elapsed = train_loss.item(), time.time() - t_start
+                now = time.time()
+                elapsed = now - t_start
                 print(f"iter {it}: loss {tl:.4f}, lr {lr:.2e}, {elapsed:.1f}s", flush=True)
                 train_log.write(json.dumps({"step": it, "train_loss": tl, "lr": lr,
                                             "elapsed_s": elapsed}) + "\n")
                 train_log.flush()
+                if it > it_mark:
+                    progress["tokens_per_s"] = (it - it_mark) * tokens_per_iter / (now - t_mark)
+                t_mark, it_mark = now, it
+                progress.update(iter=it + 1, train_loss=tl, elapsed_s=elapsed)
+                write_json_atomic(os.path.join(out_dir, "progress.json"), progress)
     train_time = time.time() - t_start
     # One checksum of all weights per rank: DDP must leave every rank with the same model.
     checksum = torch.stack([p.detach().double().sum() for p in raw_model.parameters()]).sum()
@@ -585,6 +764,7 @@ def main(argv):
             "train_time_s": train_time,
             "tokens_per_s": max_iters * tokens_per_iter / max(train_time, 1e-9),
             "world_size": world, "device": dev, "dtype": dt, "compile": compile,
+            "resumed_from": start_it or None, "checkpoint_s": checkpoint_s,
             "num_params": raw_model.num_params(), "config": config,
             "rank_param_checksums": [c.item() for c in checksums],
             "peak_memory_gb": (torch.cuda.max_memory_allocated() / 2**30
@@ -605,11 +785,16 @@ def run(argv):
     """The command line: main(), with the failures that are ours told from the submission's."""
     try:
         main(argv)
-    except (ConfigError, DataError) as e:
-        # A bad scale or data directory is ours to fix: the submission never ran.
+    except (ConfigError, DataError, ResumeError) as e:
+        # A bad scale, data directory or resume checkpoint is ours: the submission never ran.
         print(f"error: {e}", file=sys.stderr)
-        record_error("config" if isinstance(e, ConfigError) else "data", str(e))
+        record_error({ConfigError: "config", DataError: "data", ResumeError: "resume"}[type(e)],
+                     str(e))
         sys.exit(2)
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        record_error("diverged", str(e))
+        sys.exit(4)
     except BaseException as e:
         # Anything else escaped the training loop, SystemExit included: the submission's.
         import traceback
