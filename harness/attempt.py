@@ -9,9 +9,11 @@ nothing is read from stdout.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,6 +26,7 @@ from harness.record import (
     Attempt,
     AttemptRecord,
     Origin,
+    RecordError,
     StageRecord,
     Status,
     new_attempt_id,
@@ -31,10 +34,11 @@ from harness.record import (
 )
 from harness.regions import splice, unified_diff
 from harness.runners.base import Mount, Runner, StageRun, StageSpec
+from harness.runners.config import load_config
 from harness.runtime.fileio import atomic_write_json, atomic_write_text, sha256_bytes, sha256_file
 from harness.runtime.layout import parse_layout
 from harness.runtime.preflight import PreflightReport
-from harness.stages.base import Stage, StageContext, StageOutcome
+from harness.stages.base import Stage, StageContext, StageOutcome, Unresumable
 from harness.stages.lmeval import LmEvalStage, evals_dir
 from harness.stages.pretrain import PretrainStage
 from harness.submission import Submission, load_submission
@@ -189,12 +193,18 @@ def new_record(attempt: Attempt, origin: Origin, task: TaskSpec, scale: ScaleSpe
 
 def run_attempt(prepared: Prepared, task: TaskSpec, scale: ScaleSpec, *, attempt: Attempt,
                 origin: Origin, data: Path, runner: Runner, on_event: Hook | None = None,
-                checks: PreflightReport | None = None) -> AttemptRecord:
+                checks: PreflightReport | None = None,
+                retries: int | None = None) -> AttemptRecord:
     """Run the task's stages on a prepared submission in `attempt`, recording each.
 
     on_event(kind, info): "stage_start" just before a stage launches (raising there stops
-    it from launching: the ledger charges the budget at this point) and "stage_end" after.
-    checks: the pre-flight report that cleared it, kept in checks.json and the record."""
+    it from launching: the ledger charges the budget at this point), "stage_resume" before
+    a stage is relaunched from its checkpoint, and "stage_end" after.
+    checks: the pre-flight report that cleared it, kept in checks.json and the record.
+    retries: how many times a stage stopped by a failure of ours is resumed (None: the
+    configured `[runner] resume_retries`)."""
+    if retries is None:
+        retries = load_config().resume_retries
     sub = prepared.submission
     # Resolved before the record exists: missing data is the user's to fix, not a crash.
     data_dir = dataset_dir(scale, data)
@@ -212,21 +222,38 @@ def run_attempt(prepared: Prepared, task: TaskSpec, scale: ScaleSpec, *, attempt
     # The record exists before the work starts: a crash leaves a visible "running" one.
     attempt.write(record)
     ctx = StageContext(task, scale, attempt, data_dir, eval_sets)
+    status, reason = _run_stages(stages, ctx, runner, record, on_event, retries)
+    attempt.close(record, status, reason)
+    return record
+
+
+def _run_stages(stages: Sequence[Stage], ctx: StageContext, runner: Runner,
+                record: AttemptRecord, on_event: Hook | None, retries: int, *,
+                resume: tuple[str, StageSpec] | None = None) -> tuple[Status, str]:
+    """The stages in order, each recorded, up to the first that does not succeed; the
+    attempt's status and reason. resume: (stage, its continuing command) for `harness
+    resume`: the stages before it stand as they succeeded, it continues, the rest run."""
     status, reason = Status.SUCCEEDED, "ok"
+    record.metrics = {}
     for stage in stages:
-        got = _run_stage(stage, ctx, runner, record, on_event)
+        before = record.stages.get(stage.name)
+        if resume is not None and stage.name != resume[0] and before is not None:
+            got = StageOutcome(before.outcome, before.reason,
+                               dict(before.details.get("stage_metrics") or {}))
+        else:
+            first = resume[1] if resume is not None else None
+            got = _run_stage(stage, ctx, runner, record, on_event, retries, first=first)
+            resume = None
         status, reason = got.status, got.reason
         if got.status is not Status.SUCCEEDED:
             break
-        disagree = _merge_metrics(task, record, stage.name, got.metrics)
+        disagree = _merge_metrics(ctx.task, record, stage.name, got.metrics)
         if disagree:
             status, reason = Status.RULE_VIOLATION, f"rule violation (cross-check): {disagree}"
-            record.metrics = {}
             break
     if status is not Status.SUCCEEDED:
         record.metrics = {}
-    attempt.close(record, status, reason)
-    return record
+    return status, reason
 
 
 def run_submission(prepared: Prepared, task: TaskSpec, scale: ScaleSpec, *, runs_dir: Path,
@@ -249,29 +276,68 @@ def run_submission(prepared: Prepared, task: TaskSpec, scale: ScaleSpec, *, runs
 
 
 def _run_stage(stage: Stage, ctx: StageContext, runner: Runner, record: AttemptRecord,
-               on_event: Hook | None) -> StageOutcome:
-    """One stage: launch through the runner, judge its files, record it."""
-    spec = runtime(stage.build(ctx), ctx.attempt, ctx.scale, reads=stage.reads(ctx),
+               on_event: Hook | None, retries: int, *,
+               first: StageSpec | None = None) -> StageOutcome:
+    """One stage: launch through the runner, judge its files, record it. A failure of ours
+    (a killed rank, a lost node, a stall) is resumed from the stage's last checkpoint up to
+    `retries` times: the same stage of the same attempt, charged once (one stage_start).
+    first: the command continuing the stage's recorded segments (`harness resume`)."""
+    segments = list(record.stages[stage.name].segments) if first is not None else []
+    spec = runtime(first or stage.build(ctx), ctx.attempt, ctx.scale, reads=stage.reads(ctx),
                    gpus=stage.gpus)
     event: dict[str, Any] = {"stage": stage.name, "attempt_id": ctx.attempt.id,
                              "attempt_dir": str(ctx.attempt.root), "log_dir": str(spec.log_dir)}
-    if on_event:
+    if on_event and first is None:
         on_event("stage_start", event)
-    run = runner.run(spec)
-    got = stage.collect(ctx, run, spec.log_dir)
-    record.stages[stage.name] = stage_record(spec, run, got)
+    elif on_event:
+        on_event("stage_resume", {**event, "segment": len(segments) + 1})
+    retries += len(segments)
+    while True:
+        started = now_iso()
+        run = runner.run(spec)
+        got = stage.collect(ctx, run, spec.log_dir)
+        segments.append(segment(run, got, started))
+        record.stages[stage.name] = stage_record(spec, run, got, segments)
+        if got.status is not Status.FAILED_INFRA or len(segments) > retries:
+            break
+        try:
+            spec = runtime(stage.resume(ctx, segments, _used_s(segments)),
+                           ctx.attempt, ctx.scale, reads=stage.reads(ctx), gpus=stage.gpus)
+        except Unresumable as e:
+            segments[-1]["not_resumed"] = str(e)
+            break
+        # The record shows the stopped launch while the next one runs.
+        ctx.attempt.write(record)
+        if on_event:
+            on_event("stage_resume", {**event, "segment": len(segments) + 1})
     if on_event:
         on_event("stage_end", {**event, "outcome": got.status.value, "wall_s": run.wall_s})
     return got
 
 
-def stage_record(spec: StageSpec, run: StageRun, got: StageOutcome) -> StageRecord:
+def _used_s(segments: Sequence[dict[str, Any]]) -> float:
+    return float(sum(s.get("wall_s") or 0.0 for s in segments))
+
+
+def segment(run: StageRun, got: StageOutcome, started: str) -> dict[str, Any]:
+    """One launch of a stage, for its record's list of segments."""
+    return {"started_at": started, "ended_at": now_iso(),
+            "host": str(run.info.get("node") or socket.gethostname()),
+            "outcome": got.status.value, "reason": got.reason, "wall_s": round(run.wall_s, 3),
+            **got.details.get("segment", {})}
+
+
+def stage_record(spec: StageSpec, run: StageRun, got: StageOutcome,
+                 segments: Sequence[dict[str, Any]] = ()) -> StageRecord:
+    details = {k: v for k, v in got.details.items() if k != "segment"}
+    details["stage_metrics"] = dict(got.metrics)  # its own scores, kept for a resume
     return StageRecord(
         outcome=got.status, reason=got.reason, returncode=run.returncode,
-        wall_s=round(run.wall_s, 3), timed_out=run.timed_out, infra=run.infra,
+        wall_s=round(_used_s(segments) if segments else run.wall_s, 3),
+        timed_out=run.timed_out, infra=run.infra,
         cancelled=run.cancelled, runner=dict(run.info), argv=list(spec.argv),
         stderr_tail=run.stderr_tail() if got.status is not Status.SUCCEEDED else "",
-        details=dict(got.details))
+        details=details, segments=list(segments))
 
 
 def _merge_metrics(task: TaskSpec, record: AttemptRecord, stage: str,
@@ -305,3 +371,126 @@ def cross_check(task: TaskSpec, trained: dict[str, float], official: dict[str, f
                     f"from the checkpoint ({ref:.6g}); tolerance {CROSS_CHECK_ATOL} + "
                     f"{CROSS_CHECK_RTOL:.1%}")
     return None
+
+
+# --- `harness resume`: an attempt stopped by a failure of ours, continued ------------------
+
+
+def verify_unchanged(attempt: Attempt, task: TaskSpec) -> AttemptRecord:
+    """The attempt's record, after showing that what it ran is what it would run now: the
+    task's template, the spliced script, the submission's regions and the frozen copies.
+    UserError (exit 2) naming what differs; nothing is changed."""
+    try:
+        record = attempt.read()
+    except OSError:
+        raise UserError("no attempt record here", where=str(attempt.record_path),
+                        fix="pass an attempt id (its folder under the runs directory) or its "
+                            "folder") from None
+    except RecordError as e:
+        raise UserError(f"the attempt's record cannot be read: {e}",
+                        where=str(attempt.record_path)) from None
+    if record.status is not Status.FAILED_INFRA:
+        state = ("is still running" if not record.status.finished
+                 else f"ended {record.status.value}: {record.reason}")
+        raise UserError(f"attempt {attempt.id} {state}", where=str(attempt.record_path),
+                        fix="if its process is gone, run `harness recover` first"
+                        if not record.status.finished else
+                        "only an attempt stopped by a failure of ours (failed_infra) resumes; "
+                        "run the submission again as a new attempt")
+    where = str(attempt.root)
+    template = task.template_text()
+    if record.task.get("name") != task.name:
+        raise UserError(f"attempt {attempt.id} belongs to task {record.task.get('name')!r}",
+                        where=where, fix=f"pass --task {record.task.get('name')}")
+    if sha256_bytes(template.encode("utf-8")) != record.template_sha256:
+        raise UserError("the task's template changed since the attempt ran", where=where,
+                        fix="a resumed test must run the same frozen code: run it again as a "
+                            "new attempt")
+    try:
+        spliced = attempt.file(task.template).read_text(encoding="utf-8")
+        regions = json.loads(attempt.regions.read_text(encoding="utf-8"))["regions"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"the attempt's inputs cannot be read: {e}", where=where) from None
+    digest = sha256_bytes(json.dumps(regions, sort_keys=True).encode("utf-8"))
+    problems = [
+        what for what, bad in (
+            ("the spliced script differs from the one recorded",
+             sha256_bytes(spliced.encode("utf-8")) != record.spliced_sha256),
+            ("the submission's regions differ from the recorded submission",
+             digest != record.submission.get("sha256")),
+            ("the spliced script is not the template with the submission's regions",
+             _splice_or_none(template, regions) != spliced),
+        ) if bad]
+    problems += [f"{name} differs from the task's frozen copy" for name in task.frozen_files
+                 if name != task.template and _read_or_none(attempt.file(name))
+                 != _read_or_none(task.root / name)]
+    if problems:
+        raise UserError(f"attempt {attempt.id} cannot be resumed: {'; '.join(problems)}",
+                        where=where, fix="its files were changed after it ran; nothing was "
+                                         "resumed (run the submission again as a new attempt)")
+    return record
+
+
+def _splice_or_none(template: str, regions: Any) -> str | None:
+    try:
+        return splice(template, dict(regions))
+    except (UserError, TypeError, ValueError):
+        return None
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def resume_plan(attempt: Attempt, task: TaskSpec, *, data: Path
+                ) -> tuple[AttemptRecord, StageContext, list[Stage], Stage]:
+    """Everything a resume needs, checked before anything changes: the verified record, the
+    stage context, the stages and the one that stopped. UserError when it cannot resume."""
+    record = verify_unchanged(attempt, task)
+    scale = task.scale(record.scale)
+    data_dir = dataset_dir(scale, data)
+    if sha256_file(data_dir / "manifest.json") != record.dataset.get("manifest_sha256"):
+        raise UserError("the dataset's manifest differs from the one the attempt trained on",
+                        where=str(data_dir), fix="pass the --data-dir the attempt ran with")
+    stages = stages_of(task, scale)
+    stopped = next((s for s in stages if s.name in record.stages
+                    and record.stages[s.name].outcome is not Status.SUCCEEDED), None)
+    if stopped is None:
+        raise UserError(f"attempt {attempt.id} has no stage stopped by a failure of ours",
+                        where=str(attempt.record_path), fix="run the submission again")
+    eval_sets = evals_dir(scale, data) if any(s.name == LmEvalStage.name for s in stages) \
+        else None
+    return record, StageContext(task, scale, attempt, data_dir, eval_sets), stages, stopped
+
+
+def resume_attempt(attempt: Attempt, task: TaskSpec, *, data: Path, runner: Runner,
+                   on_event: Hook | None = None, retries: int | None = None,
+                   before_start: Callable[[AttemptRecord], None] | None = None
+                   ) -> AttemptRecord:
+    """Continue an attempt stopped by a failure of ours from its last verified checkpoint,
+    as the same attempt: its record reopened, the stopped stage's segments continued, the
+    later stages run, the record closed. UserError, with nothing changed, when the
+    attempt's inputs or checkpoint do not verify. before_start(record): called once all is
+    verified, before the record is reopened (the ledger re-charges a session's test there)."""
+    if retries is None:
+        retries = load_config().resume_retries
+    record, ctx, stages, stopped = resume_plan(attempt, task, data=data)
+    before = record.stages[stopped.name]
+    try:
+        first = stopped.resume(ctx, before.segments, _used_s(before.segments))
+    except Unresumable as e:
+        raise UserError(f"attempt {attempt.id} cannot be resumed: {e}",
+                        where=str(attempt.record_path),
+                        fix="run the submission again as a new attempt") from None
+    if before_start is not None:
+        before_start(record)
+    record.status, record.reason, record.finished_at, record.runner = \
+        Status.RUNNING, "", None, runner.name
+    attempt.write(record)
+    status, reason = _run_stages(stages, ctx, runner, record, on_event, retries,
+                                 resume=(stopped.name, first))
+    attempt.close(record, status, reason)
+    return record

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -185,27 +186,99 @@ def print_logs(paths: list[Path], out: TextIO) -> None:
 
 
 def follow_logs(ledger: Ledger, a: AttemptRow, stage: str, out: TextIO, *,
-                poll_s: float = 0.5) -> None:
-    """Print the logs as they grow until the attempt is settled (like tail -f)."""
+                poll_s: float = 0.5, bar: bool | None = None) -> None:
+    """Print a session test's logs and progress as they grow until it is settled."""
+    def state() -> tuple[Path | None, bool]:
+        row = ledger.attempt(a.id)
+        return (Path(row.attempt_dir) if row.attempt_dir else None), row.state.finished
+    follow(state, stage, out, poll_s=poll_s, bar=bar)
+
+
+def follow_attempt(attempt: Attempt, stage: str, out: TextIO, *, poll_s: float = 0.5,
+                   bar: bool | None = None) -> None:
+    """The same for an attempt outside sessions: until its record says it finished."""
+    def state() -> tuple[Path | None, bool]:
+        try:
+            return attempt.root, attempt.read().status.finished
+        except (OSError, RecordError):
+            return attempt.root, True
+    follow(state, stage, out, poll_s=poll_s, bar=bar)
+
+
+def follow(state: Callable[[], tuple[Path | None, bool]], stage: str, out: TextIO, *,
+           poll_s: float = 0.5, bar: bool | None = None) -> None:
+    """Like tail -f on the stage's stdout and stderr, plus its training progress: a progress
+    bar (tqdm) on a terminal, a plain `[progress]` line per change otherwise. state() gives
+    the attempt's folder (None until it has one) and whether it finished."""
+    from harness.progress import attempt_progress
+
+    if bar is None:
+        bar = out.isatty()
     offsets: dict[Path, int] = {}
     last: Path | None = None
-    while True:
-        a = ledger.attempt(a.id)
-        done = a.state.finished
-        paths = [] if not a.attempt_dir else [Path(a.attempt_dir) / stage / n
-                                               for n in ("stdout.log", "stderr.log")]
-        for p in paths:
-            chunk = _read_from(p, offsets.get(p, 0))
-            if chunk:
-                if p != last:
-                    out.write(f"\n==> {p} <==\n")
-                    last = p
-                out.write(chunk.decode("utf-8", errors="replace"))
-                out.flush()
-                offsets[p] = offsets.get(p, 0) + len(chunk)
-        if done:
-            return
-        time.sleep(poll_s)
+    shown = None
+    pbar: Any = None
+
+    def write(text: str) -> None:
+        if pbar is not None:
+            pbar.write(text, end="")
+        else:
+            out.write(text)
+            out.flush()
+
+    try:
+        while True:
+            root, done = state()
+            paths = [] if root is None else [root / stage / n for n in ("stdout.log",
+                                                                        "stderr.log")]
+            for p in paths:
+                if _size(p) < offsets.get(p, 0):
+                    offsets[p] = 0  # a resumed launch started a new log
+                chunk = _read_from(p, offsets.get(p, 0))
+                if chunk:
+                    if p != last:
+                        write(f"\n==> {p} <==\n")
+                        last = p
+                    write(chunk.decode("utf-8", errors="replace"))
+                    offsets[p] = offsets.get(p, 0) + len(chunk)
+            now = attempt_progress(root) if root is not None and stage == "pretrain" else None
+            if now is not None and now != shown:
+                if bar:
+                    pbar = _show_bar(pbar, now, out)
+                else:
+                    write(f"[progress] {now.line()}\n")
+                shown = now
+            if done:
+                return
+            time.sleep(poll_s)
+    finally:
+        if pbar is not None:
+            pbar.close()
+
+
+def _show_bar(pbar: Any, now: Any, out: TextIO) -> Any:
+    from tqdm import tqdm
+
+    from harness.progress import clock
+
+    if pbar is None:
+        pbar = tqdm(total=now.total, file=out, unit="it", dynamic_ncols=True,
+                    bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                               "{postfix}", desc="pretrain")
+    pbar.n = now.iter
+    extra = {"elapsed": clock(now.elapsed_s)} if now.elapsed_s is not None else {}
+    if now.eta_s is not None:
+        extra["ETA"] = clock(now.eta_s)
+    pbar.set_postfix({**extra, **now.fields()}, refresh=False)
+    pbar.refresh()
+    return pbar
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _read_from(path: Path, offset: int) -> bytes:

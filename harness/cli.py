@@ -106,6 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(p)
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("resume", help="continue an attempt stopped by a failure of ours from "
+                                      "its last checkpoint (the same attempt, charged once)")
+    p.add_argument("attempt", help="an attempt folder, an attempt id under --runs-dir, or a "
+                                   "session test (attempt id or SESSION:N, with --home)")
+    _task_arg(p)
+    p.add_argument("--runs-dir", type=Path, default=None,
+                   help="where plain attempts are (default: $HARNESS_RUNS or ./runs)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="root of prepared datasets the attempt ran on (default: $HARNESS_DATA, "
+                        "a session's home data, or ./data)")
+    _home_arg(p)
+    _runner_args(p)
+    p.set_defaults(func=cmd_resume)
+
     p = sub.add_parser("baselines", help="run every baseline under baselines/ and print a table")
     _run_args(p)
     p.add_argument("--baselines-dir", type=Path, default=None,
@@ -238,7 +252,10 @@ def _primary(args: argparse.Namespace) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     r, path = _run_one(args.submission, args)
-    name = _primary(args)
+    return _print_result(r, path, _primary(args))
+
+
+def _print_result(r: AttemptRecord, path: Path, name: str) -> int:
     val = r.metrics.get(name)
     shown = f"{name}={val:.4f}" if val is not None else r.reason
     print(f"{r.status}: {r.name} at scale {r.scale}: {shown}")
@@ -253,6 +270,51 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(trace, file=sys.stderr)
     print(f"result: {_shown(str(path))}")
     return r.status.exit_code
+
+
+def _find_attempt(ref: str, runs_dir: Path, home: Path | None) -> Any:
+    """An attempt by folder, by id under runs_dir, or by a session's reference in the home's
+    ledger; UserError naming where it looked."""
+    from harness.errors import UserError
+    from harness.ledger import Ledger, resolve_home
+    from harness.record import Attempt
+
+    for candidate in (Path(ref), runs_dir / ref):
+        if Attempt(candidate).has_record():
+            return Attempt(candidate.resolve())
+    if (resolve_home(home) / "ledger.sqlite3").is_file():
+        with Ledger(home, create=False) as ledger:
+            row = ledger.find_attempt(ref)
+        if row.attempt_dir and Attempt(Path(row.attempt_dir)).has_record():
+            return Attempt(Path(row.attempt_dir))
+    raise UserError(f"no attempt {ref!r}", where=f"{ref}, {runs_dir}/, {resolve_home(home)}",
+                    fix="pass the attempt's folder, its id with --runs-dir, or a session test "
+                        "with --home")
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from harness.attempt import data_root, resume_attempt
+    from harness.ledger import resolve_home
+    from harness.record import Status
+    from harness.runners.config import load_config
+    from harness.session import Session
+    from harness.task import load_task
+
+    attempt = _find_attempt(args.attempt, _runs_dir(args), args.home)
+    origin = attempt.read().origin
+    runner = _checked_runner(args)
+    retries = load_config(args.config).resume_retries
+    if origin.kind == "session":
+        home = resolve_home(args.home)
+        with Session.open(origin.session_id, home=home, data_dir=args.data_dir,
+                          runner=runner) as s:
+            report = s.resume_test(attempt.id)
+        print(report.message)
+        return Status(report.status).exit_code
+    task = load_task(args.task)
+    record = resume_attempt(attempt, task, data=data_root(args.data_dir), runner=runner,
+                            retries=retries)
+    return _print_result(record, attempt.record_path, task.primary_metric)
 
 
 def cmd_baselines(args: argparse.Namespace) -> int:
@@ -549,10 +611,13 @@ def _add_session_commands(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_audit)
     p = sub.add_parser("logs", help="print a test's stage logs")
-    p.add_argument("attempt", help="an attempt id (or unique prefix), or SESSION:N")
+    p.add_argument("attempt", help="an attempt folder, an attempt id (or unique prefix), or "
+                                   "SESSION:N")
     _home_arg(p)
     p.add_argument("--stage", default="pretrain", choices=["pretrain", "lm-eval"])
-    p.add_argument("--follow", action="store_true", help="keep printing until the test ends")
+    p.add_argument("--follow", action="store_true",
+                   help="keep printing, with the training progress (a bar on a terminal), "
+                        "until the test ends")
     p.set_defaults(func=cmd_logs)
     p = sub.add_parser("recover", help="settle tests whose harness process died")
     _home_arg(p)
@@ -679,9 +744,21 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from harness.audit import follow_logs, print_logs, stage_log_paths
+    from harness.audit import follow_attempt, follow_logs, print_logs, stage_log_paths
+    from harness.errors import UserError
     from harness.ledger import Ledger
+    from harness.record import Attempt
 
+    folder = Attempt(Path(args.attempt))
+    if folder.has_record():  # an attempt outside sessions, by its folder
+        if args.follow:
+            follow_attempt(folder, args.stage, sys.stdout)
+        elif not (folder.root / args.stage).is_dir():
+            raise UserError(f"the attempt ran no {args.stage} stage", where=str(folder.root))
+        else:
+            print_logs([folder.root / args.stage / n for n in ("stdout.log", "stderr.log")],
+                       sys.stdout)
+        return 0
     with Ledger(args.home, create=False) as ledger:
         attempt = ledger.find_attempt(args.attempt)
         if args.follow:

@@ -600,6 +600,34 @@ class Ledger:
                       "COALESCE(started_at, ?) WHERE id = ?",
                       (Status.RUNNING.value, now_iso(), attempt_id))
 
+    def reopen(self, attempt_id: str, owner: Owner) -> None:
+        """Take up again a test stopped by a failure of ours (`harness resume`): in progress
+        under a new owner and charged again, as a new test would be — its earlier refund
+        returned what it was charged, so over its life it is charged once."""
+        with self._write() as c:
+            row = c.execute("SELECT session_id, number, status FROM attempts WHERE id = ?",
+                            (attempt_id,)).fetchone()
+            if row is None:
+                raise UserError(f"no attempt {attempt_id} in this ledger", where=str(self.path))
+            if row["status"] != Status.FAILED_INFRA.value:
+                raise UserError(f"test #{row['number']} is {row['status']}; only a test stopped "
+                                f"by a failure of ours resumes", where=attempt_id)
+            sid = row["session_id"]
+            self._require_open(c, sid)
+            busy = c.execute(f"SELECT number FROM attempts WHERE session_id = ? AND status IN "
+                             f"({_sql_list(IN_PROGRESS)})", (sid,)).fetchone()
+            if busy is not None:
+                raise UserError(f"test #{busy[0]} is still in progress", where=f"session {sid}",
+                                fix="wait for it to finish, then resume")
+            budget = c.execute("SELECT budget FROM sessions WHERE id = ?", (sid,)).fetchone()[0]
+            used = self._used(c, sid)
+            if used >= budget:
+                raise NoTestsLeft(sid, used, budget, self._succeeded(c, sid))
+            c.execute("UPDATE attempts SET status = ?, charged = 1, refunded = 0, "
+                      "refund_reason = NULL, reason = NULL, finished_at = NULL, host = ?, "
+                      "pid = ?, start_token = ? WHERE id = ?",
+                      (Status.RUNNING.value, owner.host, owner.pid, owner.token, attempt_id))
+
     def finish(self, attempt_id: str, s: Settlement) -> AttemptRow:
         """Settle an in-progress attempt; a refundable status returns its charge."""
         assert s.status.finished, s.status

@@ -129,7 +129,7 @@ class Origin:
 # The keys every stage record has; a stage's own fields (the pretrain curve, lm-eval's
 # versions and samples hash) sit beside them in `details` and are written flat.
 _STAGE_KEYS = ("outcome", "reason", "returncode", "wall_s", "timed_out", "infra", "cancelled",
-               "runner", "argv", "stderr_tail")
+               "runner", "argv", "stderr_tail", "segments")
 
 
 @dataclass
@@ -148,6 +148,9 @@ class StageRecord:
     argv: list[str] = field(default_factory=list)
     stderr_tail: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+    # One entry per launch of the stage: a stage resumed after a failure of ours has several
+    # (started_at, ended_at, host, outcome, reason, and the stage's own: iterations, checkpoint).
+    segments: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         common = {k: getattr(self, k) for k in _STAGE_KEYS}
@@ -169,7 +172,8 @@ class StageRecord:
                    cancelled=bool(data.get("cancelled")),
                    runner=dict(data.get("runner") or {}), argv=[str(a) for a in
                                                                 data.get("argv") or []],
-                   stderr_tail=str(data.get("stderr_tail") or ""), details=details)
+                   stderr_tail=str(data.get("stderr_tail") or ""), details=details,
+                   segments=[dict(x) for x in data.get("segments") or [] if isinstance(x, Mapping)])
 
 
 @dataclass

@@ -31,6 +31,7 @@ from harness.attempt import (
     new_record,
     preflight_or_refuse,
     prepare,
+    resume_attempt,
     run_attempt,
     stages_of,
 )
@@ -45,6 +46,7 @@ from harness.ledger import (
     current_owner,
     now_iso,
 )
+from harness.progress import attempt_progress
 from harness.record import Attempt, AttemptRecord, Origin, Status, new_attempt_id
 from harness.regions import EditSession, unified_diff
 from harness.runners.base import Runner
@@ -252,6 +254,41 @@ class Session:
         state.settled = True
         return self._report(settled, record, attempt.root)
 
+    def resume_test(self, attempt_id: str) -> TestReport:
+        """Continue this session's test stopped by a failure of ours from its last checkpoint
+        (`harness resume`): the same test, re-verified, charged again for the refund its stop
+        gave (so charged once in all), settled like any test. UserError, with nothing
+        changed, when it cannot be resumed."""
+        self._require_open()
+        row = self.ledger.attempt(attempt_id)
+        if row.session_id != self.id or not row.attempt_dir:
+            raise UserError(f"attempt {attempt_id} is not a test of session {self.id} with a "
+                            f"folder", where=attempt_id)
+        attempt = Attempt(Path(row.attempt_dir))
+        runner = self.runner or configured_runner()
+        state = _Progress(row.id, attempt)
+        reopened = False
+
+        def reopen(_record: AttemptRecord) -> None:
+            nonlocal reopened
+            self.ledger.reopen(row.id, current_owner())
+            reopened = True
+
+        try:
+            record = resume_attempt(attempt, self.task, data=self.data_dir, runner=runner,
+                                    on_event=self._charge_hook(row.id), before_start=reopen)
+        except BaseException as e:
+            if reopened:
+                self._settle_crash(state, e)
+            raise
+        settled = self.ledger.finish(row.id, Settlement(
+            status=record.status, reason=record.reason, metrics=record.metrics,
+            attempt_dir=str(attempt.root), result_sha256=attempt.record_sha256(),
+            gpu_seconds=_gpu_seconds(record, self.task.scale(self.row.scale).device,
+                                     self.task.scale(self.row.scale).nproc_per_node)))
+        state.settled = True
+        return self._report(settled, record, attempt.root)
+
     def _preflight(self, prepared: Prepared, runner: Runner) -> PreflightReport | None:
         """The pre-flight report, run here rather than in run_attempt so that its refusal is
         told apart from other errors and recorded as free; None when the session skips it."""
@@ -394,6 +431,10 @@ class Session:
             used = self.ledger.used(self.id)
             tests = [{**_attempt_summary(a), "metrics": self.ledger.results(a.id)}
                      for a in attempts]
+        for t, a in zip(tests, attempts, strict=True):
+            now = attempt_progress(a.attempt_dir) if a.in_progress and a.attempt_dir else None
+            t["progress"] = None if now is None else \
+                {**asdict(now), "eta_s": now.eta_s, "line": now.line()}
         return {"session": asdict(self.row), "used": used,
                 "remaining": self.row.budget - used, "tests": tests,
                 "submitted": sub.number if sub else None,
@@ -405,7 +446,10 @@ class Session:
         lines = [f"Session {r.id}: task {r.task} {r.task_version}, scale {r.scale}, agent "
                  f"{r.agent} (mode {r.mode}{', model ' + r.model if r.model else ''})",
                  f"Tests: {d['used']} of {r.budget} used, {d['remaining']} remaining"]
-        lines += [_status_line(t, r.scale) for t in d["tests"]]
+        for t in d["tests"]:
+            lines.append(_status_line(t, r.scale))
+            if t["progress"] is not None:
+                lines.append(f"      {t['progress']['line']}")
         lines.append(f"Submitted: test #{d['submitted']}" if d["submitted"] is not None
                      else f"Submitted: nothing yet ({SUBMIT_HINT})")
         lines.append(f"[{self.filename} | editable: {d['editable']} | "

@@ -9,15 +9,17 @@ Every runner goes through the same five steps, driven by `StagedRunner.run`:
     cleanup(job)   -> removes what launch made (containers, scripts); always runs
 
 `run` owns the rules all runners share: the stage's time limit (our watchdog: the
-submission's fault, `timed_out`), cancellation through a marker file (`cancelled`, never
-charged), and classification of failures that are ours (`infra`: the image is missing, the
-container or job could not start, the node failed, the job was preempted, the OOM killer or
-someone outside the harness killed it). The stages decide the outcome from those fields and
+submission's fault, `timed_out`), the stall watchdog (no progress for `stall_s`: ours),
+cancellation through a marker file (`cancelled`, never charged), and classification of
+failures that are ours (`infra`: the image is missing, the container or job could not start,
+the node failed, the job was preempted, the OOM killer or someone outside the harness killed
+it). The stages decide the outcome from those fields and
 the files the frozen code wrote; nothing is read from stdout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -51,6 +53,11 @@ class StageSpec:
     # Touching this file asks the run to stop: it ends `cancelled` (harness cancel).
     cancel_file: Path | None = None
     job_name: str = ""
+    # The stall watchdog: a file the stage's frozen code rewrites as it makes progress. When
+    # neither it nor the launch is younger than stall_s, the job is stopped as ours (a hung
+    # collective, a lost rank or node): `infra`, and resumable. 0: no watchdog.
+    progress_file: Path | None = None
+    stall_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -134,6 +141,7 @@ class StagedRunner(ABC):
         except RunnerError as e:
             return StageRun(None, False, False, time.monotonic() - t0, out, err, error=str(e))
         timed_out = cancelled = False
+        stalled: str | None = None
         try:
             end, wait = self.poll(job), self.poll_s
             while end is None:
@@ -142,6 +150,10 @@ class StagedRunner(ABC):
                     break
                 if time.monotonic() - job.started > spec.timeout_s:
                     timed_out, end = True, self.kill(job)
+                    break
+                stalled = stall(spec, job)
+                if stalled:
+                    end = self.kill(job)
                     break
                 time.sleep(wait)
                 wait = min(wait * self.backoff, self.max_poll_s)
@@ -153,6 +165,21 @@ class StagedRunner(ABC):
             raise
         self.cleanup(job)
         # Our own kill is not "killed from outside": the watchdog and the cancel decide.
-        infra = None if (timed_out or cancelled) else end.infra
+        infra = None if (timed_out or cancelled) else stalled or end.infra
         return StageRun(end.returncode, True, timed_out, time.monotonic() - t0, out, err,
                         infra=infra, cancelled=cancelled, info={**job.info, **end.info})
+
+
+def stall(spec: StageSpec, job: Job) -> str | None:
+    """Why the job counts as stalled (no progress for spec.stall_s), or None."""
+    if not spec.stall_s or spec.progress_file is None:
+        return None
+    idle = time.monotonic() - job.started
+    # Wall-clock age of the last write, never longer than the job has run; nothing written
+    # yet: the launch is the last sign of life.
+    with contextlib.suppress(OSError):
+        idle = min(idle, time.time() - spec.progress_file.stat().st_mtime)
+    if idle <= spec.stall_s:
+        return None
+    return (f"no progress for {idle:.0f}s (stall limit {spec.stall_s:.0f}s): a hung collective, "
+            f"a lost rank or a lost node; stopped by the harness")

@@ -2,6 +2,7 @@
 
     [runner]
     kind = "docker"            # local | docker | apptainer | slurm
+    resume_retries = 2         # a stage stopped by a failure of ours resumes this often
 
     [runner.local]             # limits only: the local runner is NOT a sandbox
     memory_gb = 64
@@ -88,6 +89,9 @@ class SlurmSettings:
 @dataclass(frozen=True)
 class RunnerConfig:
     kind: str = "local"
+    # How often a stage stopped by a failure of ours (a killed rank, a lost node, a stall) is
+    # resumed from its last checkpoint within the same attempt, by every runner alike.
+    resume_retries: int = 2
     local: LocalSettings = field(default_factory=LocalSettings)
     docker: DockerSettings = field(default_factory=DockerSettings)
     apptainer: ApptainerSettings = field(default_factory=ApptainerSettings)
@@ -127,15 +131,19 @@ def parse_config(data: dict[str, Any], source: str) -> RunnerConfig:
     if not isinstance(runner, dict):
         raise UserError("[runner] must be a table", where=source)
     top = {k: v for k, v in runner.items() if not isinstance(v, dict)}
-    bad = sorted(set(top) - {"kind"}) + sorted(
+    bad = sorted(set(top) - {"kind", "resume_retries"}) + sorted(
         set(k for k, v in runner.items() if isinstance(v, dict))
         - {"local", "docker", "apptainer", "slurm"})
     if bad:
         raise UserError(f"unknown setting {bad[0]!r} in [runner]", where=source,
-                        fix="known: kind, [runner.local], [runner.docker], [runner.apptainer], "
-                            "[runner.slurm]")
+                        fix="known: kind, resume_retries, [runner.local], [runner.docker], "
+                            "[runner.apptainer], [runner.slurm]")
+    retries = top.get("resume_retries", 2)
+    if type(retries) is not int or not 0 <= retries <= 100:
+        raise UserError(f"[runner] resume_retries = {retries!r}", where=source,
+                        fix="a whole number from 0 (never resume) to 100")
     config = RunnerConfig(
-        kind=str(top.get("kind", "local")),
+        kind=str(top.get("kind", "local")), resume_retries=retries,
         local=_section(LocalSettings, runner.get("local", {}), f"{source} [runner.local]"),
         docker=_section(DockerSettings, runner.get("docker", {}), f"{source} [runner.docker]"),
         apptainer=_section(ApptainerSettings, runner.get("apptainer", {}),

@@ -8,6 +8,7 @@ record.StageRecord and stops at the first that does not succeed; nothing here re
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,6 +45,10 @@ class StageOutcome:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+class Unresumable(Exception):
+    """Why a stage cannot be continued from where it stopped (no checkpoint, a bad one)."""
+
+
 class Stage(Protocol):
     name: str
     # GPUs the stage takes on a CUDA scale: None for the scale's nproc_per_node.
@@ -59,6 +64,12 @@ class Stage(Protocol):
     def build(self, ctx: StageContext) -> StageSpec: ...
 
     def collect(self, ctx: StageContext, run: StageRun, out_dir: Path) -> StageOutcome: ...
+
+    # The command that continues the stage after a failure of ours, from its last verified
+    # checkpoint; `segments` are its launches so far (their records), `used_s` their wall
+    # time. Raises Unresumable (saying why, naming the file) when it cannot be continued.
+    def resume(self, ctx: StageContext, segments: Sequence[dict[str, Any]],
+               used_s: float) -> StageSpec: ...
 
 
 def outcome(status: Status, reason: str, **details: Any) -> StageOutcome:

@@ -12,7 +12,7 @@ import json
 import math
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +203,19 @@ class LmEvalStage:
 
     def collect(self, ctx: StageContext, run: StageRun, out_dir: Path) -> StageOutcome:
         return collect(run, out_dir, [m.name for m in ctx.task.metrics if m.scorer == STAGE])
+
+    def resume(self, ctx: StageContext, segments: Sequence[dict[str, Any]],
+               used_s: float) -> StageSpec:
+        # Scoring keeps no checkpoint and only reads pretrain's: it starts over, its earlier
+        # launch's logs kept aside; its outputs are written anew.
+        out_dir = ctx.attempt.stage_dir(STAGE)
+        dest = out_dir / f"segment-{len(segments)}"
+        dest.mkdir(exist_ok=True)
+        for name in ("stdout.log", "stderr.log"):
+            if (out_dir / name).exists():
+                (out_dir / name).replace(dest / name)
+        spec = self.build(ctx)
+        return replace(spec, timeout_s=max(spec.timeout_s - used_s, 120.0))
 
 
 # --- `harness eval`: the stage on any attempt or checkpoint -------------------------------------

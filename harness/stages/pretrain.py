@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from harness.record import Status
 from harness.runners.base import StageRun, StageSpec
+from harness.runtime.fileio import sha256_file
 from harness.runtime.launch import LAUNCH_FILE
 from harness.runtime.procs import outside_signal
-from harness.stages.base import StageContext, StageOutcome, outcome
+from harness.stages.base import StageContext, StageOutcome, Unresumable, outcome
 from harness.task import ScaleSpec, TaskSpec
 
 STAGE = "pretrain"
@@ -21,10 +25,37 @@ GUARD = "harness.runtime.guard"
 LAUNCHER = "harness.runtime.launch"
 # Parameter checksums (float64 sums) of the ranks may differ by this much, relatively.
 CHECKSUM_RTOL = 1e-9
+# What the frozen template writes for a resume (custom_pretrain.py, save_resume): an index
+# naming the last checkpoint with its sha256, and the progress file the stall watchdog reads.
+RESUME_INDEX = "resume.json"
+CHECKPOINT_NAME = re.compile(r"resume-\d{7}\.pt")
+PROGRESS_FILE = "progress.json"
+# The template's curves: one row per evaluation, one per log interval.
+METRICS_LOG = "metrics.jsonl"
+TRAIN_LOG = "train_log.jsonl"
+# The files one launch writes beside its outputs; a resumed launch starts without them.
+SEGMENT_FILES = ("stdout.log", "stderr.log", LAUNCH_FILE, "error_rank*.json",
+                 "guard_rank*.json", "violation_rank*.json")
+# The least time limit a resumed launch gets, however little of the stage's is left: it
+# must get through start-up and the checkpoint's load to make any progress.
+MIN_RESUME_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """A verified resume checkpoint: the file, its iteration and its sha256."""
+
+    file: Path
+    iter: int
+    sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file.name, "iter": self.iter, "sha256": self.sha256}
 
 
 def build(scale: ScaleSpec, *, attempt_dir: Path, script: Path, data_dir: Path,
-          out_dir: Path, python: str = sys.executable) -> StageSpec:
+          out_dir: Path, python: str = sys.executable,
+          resume: ResumePoint | None = None) -> StageSpec:
     # torchrun through harness.runtime.launch, which records how each rank ended; every rank
     # starts in the guard, which checks and audits the spliced script (harness/runtime/guard.py),
     # then runs it.
@@ -33,10 +64,61 @@ def build(scale: ScaleSpec, *, attempt_dir: Path, script: Path, data_dir: Path,
         f"--nproc_per_node={scale.nproc_per_node}", "-m", GUARD, str(script),
         *scale.cli_args(), f"--data_dir={data_dir}", f"--out_dir={out_dir}",
     ]
+    if resume is not None:
+        # The template re-hashes the file before it loads it: the check and the use agree.
+        argv += [f"--resume_from={resume.file}", f"--resume_sha256={resume.sha256}"]
     # On CPU each process gets one thread: N processes share the machine's cores.
     env = {"OMP_NUM_THREADS": "1"} if scale.device == "cpu" else {}
     return StageSpec(name=STAGE, argv=tuple(argv), cwd=attempt_dir, log_dir=out_dir,
-                     timeout_s=float(scale.timeout_s), env=env)
+                     timeout_s=float(scale.timeout_s), env=env,
+                     progress_file=out_dir / PROGRESS_FILE,
+                     stall_s=float(scale.stall_timeout_s))
+
+
+def resume_point(out_dir: Path, recorded: dict[str, Any] | None = None) -> ResumePoint:
+    """The last checkpoint of the stage, verified: its index readable, the file it names
+    present, whole and with the sha256 the index (and, when given, the attempt's record)
+    holds for it. Unresumable says why not, naming the file; it is never half-trusted."""
+    index = out_dir / RESUME_INDEX
+    data = _read_json(index)
+    if data is None:
+        raise Unresumable(f"no resume checkpoint: {index} is missing or unreadable")
+    name, it, sha, size = (data.get(k) for k in ("file", "iter", "sha256", "bytes")) \
+        if isinstance(data, dict) else (None,) * 4
+    if not (isinstance(name, str) and CHECKPOINT_NAME.fullmatch(name) and isinstance(it, int)
+            and isinstance(sha, str) and isinstance(size, int)):
+        raise Unresumable(f"{index} is not a resume index the template wrote: {data!r:.200}")
+    file = out_dir / name
+    if not file.is_file():
+        raise Unresumable(f"{file}: the resume checkpoint {index} names is missing")
+    if file.stat().st_size != size:
+        raise Unresumable(f"{file}: {file.stat().st_size} bytes, {size} when written; the "
+                          f"checkpoint is truncated or replaced")
+    if sha256_file(file) != sha:
+        raise Unresumable(f"{file}: sha256 differs from the one written with it; the "
+                          f"checkpoint is corrupted or replaced")
+    if recorded is not None and (recorded.get("sha256"), recorded.get("iter")) != (sha, it):
+        raise Unresumable(f"{file}: not the checkpoint the attempt's record names "
+                          f"(iteration {recorded.get('iter')}, sha256 "
+                          f"{str(recorded.get('sha256'))[:12]}...)")
+    return ResumePoint(file, it, sha)
+
+
+def archive_segment(out_dir: Path, number: int) -> Path:
+    """Move the files of launch `number` aside (segment-N/), so that the next launch is judged
+    on its own files while the earlier ones stay in the attempt."""
+    dest = out_dir / f"segment-{number}"
+    dest.mkdir(exist_ok=True)
+    for pattern in SEGMENT_FILES:
+        for p in out_dir.glob(pattern):
+            shutil.move(str(p), dest / p.name)
+    return dest
+
+
+def read_progress(out_dir: Path) -> dict[str, Any]:
+    """The template's progress file (iteration, losses, tokens/s, elapsed), or {}."""
+    data = _read_json(out_dir / PROGRESS_FILE)
+    return data if isinstance(data, dict) else {}
 
 
 class PretrainStage:
@@ -58,6 +140,17 @@ class PretrainStage:
     def collect(self, ctx: StageContext, run: StageRun, out_dir: Path) -> StageOutcome:
         return collect(run, out_dir, [m.name for m in ctx.task.metrics if m.stage == STAGE])
 
+    def resume(self, ctx: StageContext, segments: Sequence[dict[str, Any]],
+               used_s: float) -> StageSpec:
+        out_dir = ctx.attempt.stage_dir(STAGE)
+        recorded = segments[-1].get("checkpoint") if segments else None
+        point = resume_point(out_dir, recorded if isinstance(recorded, dict) else None)
+        archive_segment(out_dir, len(segments))
+        spec = build(ctx.scale, attempt_dir=ctx.attempt.root, script=ctx.script,
+                     data_dir=ctx.data_dir, out_dir=out_dir, resume=point)
+        # The stage's time limit covers all its launches: a resume gets what is left.
+        return replace(spec, timeout_s=max(spec.timeout_s - used_s, MIN_RESUME_TIMEOUT_S))
+
 
 def _read_json(path: Path) -> Any:
     try:
@@ -66,16 +159,26 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def read_curve(out_dir: Path) -> list[dict[str, Any]]:
-    rows = []
-    path = out_dir / "metrics.jsonl"
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                break  # a torn last line from a killed run
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a log the template appends to, up to a torn last line (a killed run, or
+    one being written now); [] when there is none yet."""
+    rows: list[dict[str, Any]] = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return rows
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            break
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
+
+
+def read_curve(out_dir: Path) -> list[dict[str, Any]]:
+    return read_jsonl(out_dir / METRICS_LOG)
 
 
 def rank_records(out_dir: Path, kind: str) -> list[dict[str, Any]]:
@@ -135,8 +238,15 @@ def collect(run: StageRun, out_dir: Path, metrics: Sequence[str] = ()) -> StageO
     final.json frozen code wrote); its record keeps the loss curve (and final.json, the
     submission's traceback) beside the runner's fields."""
     got = _judge(run, out_dir, metrics)
+    progress = read_progress(out_dir)
+    index = _read_json(out_dir / RESUME_INDEX)
+    checkpoint = {k: index.get(k) for k in ("file", "iter", "sha256")} \
+        if isinstance(index, dict) else None
     details = {"curve": read_curve(out_dir), "final": got.details.get("final", {}),
-               "traceback": got.details.get("traceback", "")}
+               "traceback": got.details.get("traceback", ""),
+               # This launch's part, for the attempt's list of segments.
+               "segment": {"from_iter": progress.get("resumed_from") or 0,
+                           "last_iter": progress.get("iter"), "checkpoint": checkpoint}}
     return StageOutcome(got.status, got.reason, got.metrics, details)
 
 
@@ -151,6 +261,11 @@ def _judge(run: StageRun, out_dir: Path, metrics: Sequence[str]) -> StageOutcome
         v = found[0]
         return outcome(Status.RULE_VIOLATION, f"rule violation ({v.get('rule')}, rank "
                                               f"{v.get('rank')}): {v.get('message')}")
+    errors = frozen_errors(out_dir)
+    blew_up = [e for e in errors if e.get("kind") == "diverged"]
+    if blew_up:
+        # The frozen watchdog saw the loss leave its bounds; the other ranks' ends follow.
+        return outcome(Status.FAILED_SUBMISSION, str(blew_up[0].get("message")))
     if run.infra:
         # Before the template's own error files: when the OOM killer or a node failure takes
         # one rank, the others record collective errors that are not the submission's fault.
@@ -158,8 +273,7 @@ def _judge(run: StageRun, out_dir: Path, metrics: Sequence[str]) -> StageOutcome
     killed = killed_rank(out_dir)
     if killed:
         return outcome(Status.FAILED_INFRA, killed)
-    errors = frozen_errors(out_dir)
-    ours = [e for e in errors if e.get("kind") in ("config", "data")]
+    ours = [e for e in errors if e.get("kind") in ("config", "data", "resume")]
     if ours:
         # The template refused our own inputs: the submission never ran, so never charge it.
         return outcome(Status.FAILED_INFRA, f"{ours[0]['kind']} error: {ours[0].get('message')}")
