@@ -38,7 +38,7 @@ from harness.leaderboard import (
     write_board,
 )
 from harness.leaderboard.page import render_page
-from harness.record import Origin
+from harness.record import Origin, parse_record
 from harness.runtime.fileio import atomic_write_json
 from tests.leaderboard_fixtures import (
     TASK,
@@ -170,6 +170,16 @@ def test_in_progress_results_are_not_final(tmp_path: Path) -> None:
     board = build_board([tmp_path])
     assert [r.entrant for r in only_table(board).rows] == ["done"]
     assert sum(board.skipped.values()) == 1 and done.exists()
+    # Shown as running beside the table, with nothing to show of its progress yet.
+    (shown,) = board.live
+    assert (shown.name, shown.status, shown.iter, shown.train_curve) == \
+        (parse_record(running.read_bytes()).submission["name"], "running", None, [])
+    assert shown.attempt_dir == str(running.parent)
+    page = render_page(board, tmp_path)
+    assert "Running now (1)" in page and "no progress reported yet" in page
+    assert 'class="plot running-plot"' not in page  # no curve, no empty plot
+    write_board(board, tmp_path / "board.json")
+    assert read_board(tmp_path / "board.json").live == board.live
 
 
 def test_unreadable_records_are_listed_not_dropped(tmp_path: Path) -> None:

@@ -473,3 +473,62 @@ def test_a_harness_killed_during_a_resume_is_settled_by_recover(tmp_path: Path,
         assert s.resume_test(stopped.attempt_id).status == "succeeded"
         assert s.ledger.used(sid) == 1
 
+
+# --- live progress on the leaderboard page -----------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_page_shows_a_running_test_and_its_curves_so_far(resume_task: TaskSpec, data: Path,
+                                                             tmp_path: Path) -> None:
+    from harness.leaderboard import build_board, read_board, write_board
+    from harness.leaderboard.page import render_page
+    from harness.ledger import LEDGER_FILE, Ledger
+
+    home = tmp_path / "home"
+    started: dict[str, Any] = {}
+
+    def test_in_a_thread() -> None:  # the ledger's connection belongs to its thread
+        with Session.create(agent="live", task=resume_task.root, scale="resume-test",
+                            home=home, data_dir=data, budget=1, preflight=False,
+                            runner=LocalRunner()) as s:
+            started["sid"] = s.id
+            started["report"] = s.run_test()
+
+    worker = threading.Thread(target=test_in_a_thread, daemon=True)
+    worker.start()
+
+    def folder() -> Path | None:
+        if not (home / LEDGER_FILE).exists():
+            return None
+        with Ledger(home) as led:
+            rows = led.in_progress()
+        return Path(rows[0].attempt_dir) if rows and rows[0].attempt_dir else None
+
+    attempt_dir = wait_for(folder, timeout=120)
+    progress = attempt_dir / "pretrain" / "progress.json"
+    wait_for(lambda: progress.exists() and json.loads(progress.read_text())["iter"] >= 100,
+             timeout=300, step=0.05)
+    board = build_board(home=home)
+    page = render_page(board, tmp_path)
+    worker.join(timeout=600)
+    assert started["report"].status == "succeeded"
+
+    (r,) = board.live
+    assert (r.name, r.scale, r.total) == (f"{started['sid']} test #1", "resume-test", 240)
+    assert r.iter is not None and 100 <= r.iter < 240 and r.eta_s is not None
+    assert board.tables == []  # shown, never ranked
+    # The curves so far are the run's own rows, a prefix of what it logged in the end.
+    logged = {x["step"]: x["train_loss"] for x in rows(Attempt(attempt_dir), "train_log.jsonl")}
+    assert len(r.train_curve) >= 100
+    assert all(logged[step] == loss for step, loss in r.train_curve)
+    evaluated = {x["step"]: x["val_loss"] for x in rows(Attempt(attempt_dir), "metrics.jsonl")}
+    assert [s for s, _ in r.val_curve][:2] == [0, 60]
+    assert all(evaluated[step] == loss for step, loss in r.val_curve)
+    write_board(board, tmp_path / "board.json")
+    assert read_board(tmp_path / "board.json") == board
+    assert 'id="running"' in page and r.attempt_id in page
+    assert f'<progress max="240" value="{r.iter}">' in page
+    assert f'<figure class="plot running-plot" data-attempt="{r.attempt_id}">\n<svg' in page
+    # Finished, it is no longer running; unsubmitted, it is not on the board either.
+    with pytest.raises(UserError, match="no final results"):
+        build_board(home=home)

@@ -4,6 +4,8 @@
                   submissions -> Entry, one per final attempt (Collected)
     aggregate.py  pandas: dedupe, validate, group by key, stats, ranks and deltas -> Board
     details.py    a row's details from its representative attempt's folder
+    running.py    attempts in progress: how far each is and its curves so far, from its
+                  folder (shown beside the tables, never ranked)
     board.py      the dataclasses (Entry, Board, Table, Row, Cell, ...) and board.json
     export.py     CSV, Markdown, JSON with the MLS-Bench keys
     page.py       the self-contained HTML page (jinja2, inline SVG plots)
@@ -27,6 +29,7 @@ from harness.leaderboard.board import (
     MetricInfo,
     Problem,
     Row,
+    RunningAttempt,
     Table,
     board_from_json,
     board_to_json,
@@ -49,8 +52,8 @@ from harness.leaderboard.pipeline import baselines_page, build_board, default_ho
 __all__ = [
     "BOARD_SCHEMA", "EXPORT_FORMATS", "EXPORT_SCHEMA", "INVALID", "KEY", "SKIP_NO_SUBMISSION",
     "SKIP_SESSION_TEST", "AttemptLink", "Board", "Cell", "Collected", "Details", "Entry",
-    "MetricInfo", "Problem", "Row", "Table", "aggregate", "baselines_page", "board_from_json",
-    "board_to_json", "build_board", "collect", "collect_files", "collect_ledger",
-    "default_home", "entrant_of", "export", "mls_key", "publish", "read_board",
-    "result_files", "write_board",
+    "MetricInfo", "Problem", "Row", "RunningAttempt", "Table", "aggregate", "baselines_page",
+    "board_from_json", "board_to_json", "build_board", "collect", "collect_files",
+    "collect_ledger", "default_home", "entrant_of", "export", "mls_key", "publish",
+    "read_board", "result_files", "write_board",
 ]

@@ -70,7 +70,9 @@ def aggregate(collected: Collected, *, tasks: Sequence[str] | None = None,
     tables = _tables(entries, specs) if entries else []
     return Board(schema=BOARD_SCHEMA, generated_at=now_iso(), sources=list(collected.sources),
                  attempts=len(entries), tables=tables, problems=list(collected.problems),
-                 skipped=dict(sorted(skipped.items())))
+                 skipped=dict(sorted(skipped.items())),
+                 live=sorted((r for r in collected.live if tasks is None or r.task in tasks),
+                             key=lambda r: (r.started_at, r.attempt_id)))
 
 
 # --- the frames ----------------------------------------------------------------------------

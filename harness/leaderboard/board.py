@@ -84,9 +84,35 @@ class Problem:
     reason: str
 
 
+@dataclass(frozen=True)
+class RunningAttempt:
+    """An attempt still in progress, as far as its own files say at the build (running.py):
+    shown beside the tables, never ranked, never a score."""
+
+    attempt_id: str
+    name: str  # the submission's, or the session's test ("<session> test #N")
+    task: str
+    scale: str
+    status: str  # an in-progress harness.record.Status's value
+    started_at: str
+    attempt_dir: str
+    iter: int | None = None  # None before the first progress report
+    total: int | None = None
+    elapsed_s: float | None = None
+    eta_s: float | None = None
+    tokens_per_s: float | None = None
+    train_loss: float | None = None
+    val_loss: float | None = None
+    checkpoint_iter: int | None = None
+    resumed_from: int | None = None
+    train_curve: list[tuple[int, float]] = field(default_factory=list, hash=False)
+    val_curve: list[tuple[int, float]] = field(default_factory=list, hash=False)
+
+
 @dataclass
 class Collected:
     records: list[Entry] = field(default_factory=list)
+    live: list[RunningAttempt] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     skipped: Counter[str] = field(default_factory=Counter)
     sources: list[str] = field(default_factory=list)
@@ -194,6 +220,7 @@ class Board:
     tables: list[Table]
     problems: list[Problem]
     skipped: dict[str, int]
+    live: list[RunningAttempt] = field(default_factory=list)
 
 
 def mls_key(metric: MetricSpec | MetricInfo, scale: str) -> str:
@@ -258,7 +285,9 @@ def board_from_json(data: Any, *, where: str) -> Board:
         tables = [_from(Table, t, metrics=[_from(MetricInfo, m) for m in t["metrics"]],
                         rows=[_row_from_json(r) for r in t["rows"]]) for t in data["tables"]]
         return _from(Board, data, tables=tables,
-                     problems=[_from(Problem, p) for p in data["problems"]])
+                     problems=[_from(Problem, p) for p in data["problems"]],
+                     # Absent from a board written before running attempts were shown.
+                     live=[_running_from_json(r) for r in data.get("live", [])])
     except (KeyError, TypeError) as e:
         raise UserError(f"the leaderboard file is incomplete ({type(e).__name__}: {e})",
                         where=where, fix="rebuild it with `harness leaderboard build`") from None
@@ -269,6 +298,12 @@ def _row_from_json(r: Any) -> Row:
                  attempts=[_from(AttemptLink, a) for a in r["attempts"]],
                  details=_from(Details, r["details"]),
                  curve=[(int(s), float(v)) for s, v in r["curve"]])
+
+
+def _running_from_json(r: Any) -> RunningAttempt:
+    return _from(RunningAttempt, r,
+                 train_curve=[(int(s), float(v)) for s, v in r["train_curve"]],
+                 val_curve=[(int(s), float(v)) for s, v in r["val_curve"]])
 
 
 def read_board(path: Path) -> Board:

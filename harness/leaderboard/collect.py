@@ -24,6 +24,7 @@ from typing import Any
 
 from harness.errors import UserError
 from harness.leaderboard.board import INVALID, NO_LABEL, Collected, Entry, Problem
+from harness.leaderboard.running import running_of_record, running_of_test
 from harness.ledger import AttemptRow, Ledger, SessionRow
 from harness.record import (
     RESULT_FILE,
@@ -154,6 +155,10 @@ def collect_files(paths: Iterable[Path], out: Collected, *, skip_ids: set[str]) 
             continue
         except _Skip as e:
             out.skipped[str(e)] += 1
+            # Shown as running (a session's test from the ledger, which knows its owner).
+            if not record.status.finished and not record.origin.session_test \
+                    and record.attempt_id not in skip_ids:
+                out.live.append(running_of_record(record, Path(os.path.abspath(path))))
             continue
         # A `final` re-run of a session's submission counts as a plain run, for now.
         if record.attempt_id in skip_ids or record.origin.session_test:
@@ -231,6 +236,8 @@ def collect_ledger(ledger: Ledger, out: Collected) -> set[str]:
         ids = ledger.attempt_ids()
         finals = ledger.final_submissions()
         sessions = len(ledger.sessions())
+        running = [(a, ledger.session(a.session_id)) for a in ledger.in_progress()]
+    out.live += [running_of_test(s, a) for a, s in running if a.attempt_dir]
     if sessions > len(finals):
         out.skipped[SKIP_NO_SUBMISSION] += sessions - len(finals)
     out.records += [_ledger_entry(s, a, metrics, ledger.home) for s, a, metrics in finals]

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from markupsafe import Markup, escape
 
-from harness.leaderboard.board import Board, Cell, Row, Table
+from harness.leaderboard.board import Board, Cell, Row, RunningAttempt, Table
 from harness.leaderboard.export import arrow, fmt_delta, fmt_value
+from harness.progress import clock
 from harness.record import Status
 from harness.runtime.fileio import atomic_write_text
 
@@ -88,6 +89,37 @@ def loss_plot(table: Table) -> Plot:
     return Plot(Markup(_strip_svg(buf.getvalue())), caption)
 
 
+def running_plot(r: RunningAttempt) -> Markup:
+    """One running attempt's curves so far: train loss per log interval, val loss per
+    evaluation; "" before its first logged step."""
+    if not r.train_curve and not r.val_curve:
+        return Markup("")
+    import matplotlib
+    from matplotlib.backends.backend_svg import FigureCanvasSVG
+    from matplotlib.figure import Figure
+
+    with matplotlib.rc_context({"svg.hashsalt": r.attempt_id, "svg.fonttype": "none"}):
+        fig = Figure(figsize=(6.0, 2.6))
+        fig.subplots_adjust(left=0.11, right=0.97, top=0.88, bottom=0.18)
+        FigureCanvasSVG(fig)
+        ax = fig.add_subplot()
+        if r.train_curve:
+            ax.plot([s for s, _ in r.train_curve], [v for _, v in r.train_curve],
+                    color="#8fa3bf", linewidth=1.0, label="train loss")
+        if r.val_curve:
+            ax.plot([s for s, _ in r.val_curve], [v for _, v in r.val_curve], color="#2f6feb",
+                    marker="o", markersize=3, linewidth=1.4, label="val loss")
+        if r.total:
+            ax.set_xlim(0, r.total)  # the whole run's length: how far it is, at a glance
+        ax.set_xlabel("iteration")
+        ax.set_title(f"{r.name} · {r.scale}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, frameon=False)
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg", metadata={"Date": None})
+    return Markup(_strip_svg(buf.getvalue()))
+
+
 def colour_diff(diff: str) -> Markup:
     """The diff, escaped, one span per line classed by its kind (done here, not in jinja:
     pages with thousands of rows render in seconds)."""
@@ -128,9 +160,11 @@ def render_page(board: Board, page_dir: Path) -> str:
                              lstrip_blocks=True)
     env.filters.update(fmt=fmt_value, arrow=arrow, diff=colour_diff, delta_class=delta_class,
                        href=lambda p: relpath(p, page_dir) if p else "",
-                       signed=fmt_delta)
+                       signed=fmt_delta, clock=clock)
     plots = {t.id: loss_plot(t) for t in board.tables}
+    running_plots = {r.attempt_id: running_plot(r) for r in board.live}
     return env.get_template(TEMPLATE).render(board=board, plots=plots,
+                                             running_plots=running_plots,
                                              succeeded=Status.SUCCEEDED.value,
                                              tasks=_task_names(board.tables))
 

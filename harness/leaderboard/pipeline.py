@@ -15,7 +15,7 @@ from harness.ledger import LEDGER_FILE
 def build_board(runs_dirs: Sequence[Path] = (), *, home: Path | None = None,
                 files: Sequence[Path] = (), tasks: Sequence[str] | None = None) -> Board:
     collected = collect(runs_dirs, home=home, files=files)
-    if not collected.records and not collected.problems:
+    if not collected.records and not collected.problems and not collected.live:
         where = ", ".join(collected.sources) or "no source"
         left = "; ".join(f"{n} {why}" for why, n in sorted(collected.skipped.items()))
         raise UserError(f"no final results to aggregate ({where})"
