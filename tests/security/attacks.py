@@ -222,6 +222,13 @@ _out = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--out_dir="))
 os.makedirs(_out, exist_ok=True)
 with open(os.path.join(_out, "seen_env_rank" + os.environ.get("RANK", "0") + ".json"), "w") as _f:
     json.dump(dict(os.environ), _f)
+# Fail only once every rank has written: the first rank to raise gets the others killed.
+import glob
+import time
+_deadline = time.time() + 60
+while (len(glob.glob(os.path.join(_out, "seen_env_rank*.json")))
+       < int(os.environ.get("WORLD_SIZE", "1")) and time.time() < _deadline):
+    time.sleep(0.1)
 raise RuntimeError("environment copied")
 """)
 
