@@ -36,7 +36,8 @@ from harness.task import load_task  # noqa: E402
 
 
 def short_scale(task_dir: Path, base: str, iters: int, log_interval: int,
-                nproc: int | None = None) -> str:
+                nproc: int | None = None, checkpoint_interval: int | None = None,
+                micro_batch: int | None = None) -> str:
     text = (task_dir / "scales" / f"{base}.toml").read_text()
     import tomllib
 
@@ -44,6 +45,14 @@ def short_scale(task_dir: Path, base: str, iters: int, log_interval: int,
     name = f"{base}-short"
     cfg = dict(data["config"], max_iters=iters, eval_interval=iters, eval_iters=2,
                log_interval=log_interval, warmup_iters=min(iters, 10))
+    if checkpoint_interval is not None:
+        cfg["checkpoint_interval"] = checkpoint_interval
+    if micro_batch is not None:
+        # The same tokens per iteration in smaller micro-batches: fits a card of less memory.
+        tokens = cfg["batch_size"] * cfg["gradient_accumulation_steps"]
+        if tokens % micro_batch:
+            raise SystemExit(f"--micro-batch {micro_batch} does not divide {tokens} sequences")
+        cfg["batch_size"], cfg["gradient_accumulation_steps"] = micro_batch, tokens // micro_batch
     s = data["scale"]
     lines = ["[scale]", f'name = "{name}"', f'description = "{base}, {iters} iterations"',
              f'device = "{s["device"]}"', f'nproc_per_node = {nproc or s["nproc_per_node"]}',
@@ -89,13 +98,19 @@ def main(argv: list[str]) -> int:
     p.add_argument("--eval-checks", action="store_true",
                    help="also run the eval stage's checks on the checkpoint in this process: "
                         "low-bit audit, val_loss recomputation and the cross-check (needs lm_eval)")
+    p.add_argument("--checkpoint-interval", type=int, default=None,
+                   help="resume checkpoints this often instead of the scale's, to time several "
+                        "(final.json's checkpoint_s: seconds per write, rank 0's wait)")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="sequences per micro-batch instead of the scale's, with as many more "
+                        "accumulation steps: the same iteration on a card of less memory")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="attempt-gpu-") as tmp:
         work = Path(tmp)
         task_dir = work / "task"
         shutil.copytree(load_task().root, task_dir)
         scale_name = short_scale(task_dir, args.scale, args.iters, args.log_interval,
-                                 args.nproc)
+                                 args.nproc, args.checkpoint_interval, args.micro_batch)
         task = load_task(str(task_dir))
         scale = task.scale(scale_name)
         data = work / "data"
@@ -106,9 +121,16 @@ def main(argv: list[str]) -> int:
         result, paths = run_submission(prepared, task, scale, runs_dir=work / "runs", data=data,
                                        runner=LocalRunner())
         wall = time.monotonic() - t0
+        if not (paths.stage_dir("pretrain") / "train_log.jsonl").is_file():
+            print(f"{result.status}: {result.reason}", file=sys.stderr)
+            for log_file in sorted(paths.root.rglob("*.log")):
+                print(f"--- {log_file}\n{log_file.read_text()[-3000:]}", file=sys.stderr)
+            return 1
         log = [json.loads(line) for line in
                (paths.stage_dir("pretrain") / "train_log.jsonl").read_text().splitlines()]
         record = paths.read().to_json()
+        index = paths.stage_dir("pretrain") / "resume.json"
+        checkpoint = json.loads(index.read_text()) if index.is_file() else None
         audits = [json.loads(line) for f in sorted(paths.stage_dir("pretrain").glob(
             "audit_rank*.jsonl")) for line in f.read_text().splitlines()]
         checks = eval_checks(paths, data / "synthetic", task, result) if args.eval_checks \
@@ -126,7 +148,8 @@ def main(argv: list[str]) -> int:
         "tokens_per_s": round(tokens_per_iter / dt, 1), "attempt_wall_s": round(wall, 1),
         "pretrain_wall_s": record["stages"]["pretrain"]["wall_s"],
         "val_loss": result.metrics.get("val_loss"), "final": record["stages"]["pretrain"]["final"],
-        "audits": audits, "eval_checks": checks,
+        "audits": audits, "eval_checks": checks, "checkpoint": checkpoint,
+        "checkpoint_s": record["stages"]["pretrain"]["final"].get("checkpoint_s"),
     }
     print(json.dumps(summary, indent=2, default=str))
     if args.out:
