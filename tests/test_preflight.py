@@ -208,6 +208,45 @@ def test_a_scale_without_gradient_fails_gradients_and_ddp(preflight: Run) -> Non
     assert ddp.reason.startswith("error_rank0: RuntimeError: Expected to have finished "
                                  "reduction"), ddp.reason
     assert "Traceback" in ddp.details["traceback"]
+    assert "run twice" not in ddp.reason  # a rank said why: never tried again
+
+
+def _flaky_launch(monkeypatch: pytest.MonkeyPatch, failures: int) -> list[list[str]]:
+    """torchrun fails `failures` times without a word from any rank, then runs for real."""
+    from harness.runtime import preflight as pf
+
+    calls: list[list[str]] = []
+    real = pf.run_process
+
+    def launch(argv: list[str], **kw: Any) -> ProcessRun:
+        calls.append(argv)
+        if len(calls) <= failures:
+            kw["log"].write_text("simulated: the launcher lost a rank at teardown\n")
+            return ProcessRun(1, False, 0.5, kw["log"])
+        return real(argv, **kw)
+
+    monkeypatch.setattr(pf, "run_process", launch)
+    return calls
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failures", [1, 2])
+def test_a_torchrun_failure_no_rank_explains_is_tried_once_more(
+        task: TaskSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failures: int) -> None:
+    import time
+
+    from harness.runtime import preflight as pf
+
+    calls = _flaky_launch(monkeypatch, failures)
+    script = tmp_path / task.template
+    script.write_text(splice(task.template_text(),
+                             load_submission(REPO / "baselines" / "int2_uniform", task).regions))
+    ddp = pf._run_ddp(script, tmp_path, time.monotonic() + 300, 8192)[0]
+    assert len(calls) == 2
+    assert ddp.status == ("pass" if failures == 1 else "fail"), ddp.reason
+    assert ddp.reason.endswith("(run twice: the first try's torchrun exited with code 1 "
+                               "without an error record)")
+    assert "simulated" in ddp.details["first_try_log_tail"]
 
 
 def _processes_mentioning(text: str) -> list[int]:

@@ -273,6 +273,9 @@ def test_logs_print_and_follow_a_finished_test(session: Session, home: Path) -> 
         def flush(self) -> None:
             pass
 
+        def isatty(self) -> bool:
+            return False
+
     out = Out()
     follow_logs(session.ledger, session.ledger.attempts(session.id)[0], "pretrain",
                 out, poll_s=0.01)  # type: ignore[arg-type]
