@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from scipy import stats as scipy_stats
 
 from harness.cli import main
 from harness.errors import UserError
@@ -90,9 +91,34 @@ def test_seeds_aggregate_to_mean_sample_std_and_n(tmp_path: Path) -> None:
     assert cell.mean == pytest.approx(statistics.mean(losses))
     assert cell.std == pytest.approx(statistics.stdev(losses))
     assert len(row.attempts) == 3 and len(table.rows) == 1
+    low, high = scipy_stats.t.interval(0.95, 2, loc=cell.mean, scale=scipy_stats.sem(losses))
+    assert cell.ci95 == pytest.approx((high - low) / 2)
     # Seeds average the curve step by step too.
     first_points = [statistics.mean([v + 1.5 for v in losses])]
     assert row.curve[0] == (0, pytest.approx(first_points[0]))
+
+
+def test_entries_that_seeds_cannot_tell_apart_share_a_rank(tmp_path: Path) -> None:
+    seeds = {"a": [3.00, 3.02, 2.98], "b": [3.01, 2.99, 3.03], "far": [3.50, 3.52, 3.48]}
+    for model, losses in seeds.items():
+        for i, v in enumerate(losses):
+            write_result(tmp_path, vanilla(model, v, seed=i))
+    board = build_board([tmp_path])
+    table = only_table(board)
+    a, b, far = (row_of(table, m) for m in seeds)
+    assert (a.rank, a.tied, b.rank, b.tied) == (1, True, 1, True)
+    assert (far.rank, far.tied) == (3, False)
+    welch = scipy_stats.ttest_ind(seeds["far"], seeds["a"], equal_var=False).pvalue
+    assert far.p_best == pytest.approx(welch) and welch < 0.05
+    assert a.p_best is None  # the best row is not tested against itself
+    # The rule's outcome is in every export, and on the page.
+    rows = {r["model"]: r for r in json.loads(export(board, "json"))["rows"]}
+    assert (rows["b"]["tied"], rows["far"]["tied"]) == (True, False)
+    assert rows["far"]["p_best"] == pytest.approx(welch)
+    assert rows["a"]["val_loss_smoke_ci95"] == pytest.approx(a.cells["val_loss"].ci95)
+    assert "1 =" in export(board, "md")
+    page = render_page(board, tmp_path)
+    assert page.count('<span class="tie" title="tied') == 2
 
 
 def test_single_seed_has_no_std(tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ from harness.leaderboard.board import (
     mls_key,
 )
 from harness.leaderboard.details import details
+from harness.leaderboard.stats import Ranked, ci_halfwidths, tie_ranks
 from harness.ledger import now_iso
 from harness.record import Status
 from harness.task import TaskSpec, load_task
@@ -139,10 +140,11 @@ def _declared(specs: Mapping[str, TaskSpec]) -> pd.DataFrame:
 
 def _stats_frame(entries: Sequence[Entry], attempts: pd.DataFrame, rows: pd.DataFrame,
                  specs: Mapping[str, TaskSpec]
-                 ) -> tuple[pd.DataFrame, dict[tuple[str, ...], int]]:
-    """Per (row, declared metric) over the row's succeeded seeds: mean, std (ddof 1), n; the
-    rank of the row on the primary metric's line; delta and improved against the best
-    baseline of the row's table. And that baseline's row number, by table."""
+                 ) -> tuple[pd.DataFrame, dict[tuple[str, ...], int], dict[int, Ranked]]:
+    """Per (row, declared metric) over the row's succeeded seeds: mean, std (ddof 1), n and
+    the 95% interval's half-width; the rank of the row on the primary metric's line (the
+    tie rule of stats.py); delta and improved against the best baseline of the row's table.
+    And that baseline's row number, by table, and each ranked row's Ranked."""
     import pandas as pd
 
     # In attempt id order: a std sums in the order of its values, and a board is the same
@@ -156,11 +158,12 @@ def _stats_frame(entries: Sequence[Entry], attempts: pd.DataFrame, rows: pd.Data
              .reset_index()
              .merge(rows[[*TABLE_KEY, "baseline"]], left_on="row", right_index=True)
              .merge(_declared(specs), on=["task", "metric"]))
+    stats["ci95"] = ci_halfwidths(stats["std"], stats["n"])
     # Best first whatever the direction: rank the score, the mean turned into a loss.
     stats["score"] = stats["mean"].where(stats["direction"] == "min", -stats["mean"])
     primary = stats["primary"]
-    stats.loc[primary, "rank"] = stats[primary].groupby(list(TABLE_KEY))["score"].rank(
-        method="min")
+    ranked = _ranks(values, stats[primary])
+    stats.loc[primary, "rank"] = stats.loc[primary, "row"].map(lambda r: ranked[int(r)].rank)
     # The best baseline of each table (ties: the first by key), and every metric against it.
     best = (stats[primary & stats["baseline"]].sort_values([*TABLE_KEY, "score", "row"])
             .drop_duplicates(list(TABLE_KEY))[[*TABLE_KEY, "row"]])
@@ -170,7 +173,19 @@ def _stats_frame(entries: Sequence[Entry], attempts: pd.DataFrame, rows: pd.Data
     stats["delta"] = stats["mean"] - stats["ref"]
     stats["improved"] = (stats["delta"] < 0).where(stats["direction"] == "min",
                                                     stats["delta"] > 0)
-    return stats, {tuple(k): int(r) for *k, r in best.itertuples(index=False)}
+    return stats, {tuple(k): int(r) for *k, r in best.itertuples(index=False)}, ranked
+
+
+def _ranks(values: pd.DataFrame, primary: pd.DataFrame) -> dict[int, Ranked]:
+    """Each row's rank in its table on its seeds' primary-metric scores (lower is better)."""
+    seeds = values.merge(primary[["row", "metric", "direction", *TABLE_KEY]],
+                         on=["row", "metric"])
+    seeds["score"] = seeds["value"].where(seeds["direction"] == "min", -seeds["value"])
+    out: dict[int, Ranked] = {}
+    for _, table in seeds.groupby(list(TABLE_KEY), sort=False):
+        by_row = {int(r): g["score"].tolist() for r, g in table.groupby("row", sort=True)}
+        out.update(tie_ranks(by_row))
+    return out
 
 
 def _mean_curves(entries: Sequence[Entry], attempts: pd.DataFrame,
@@ -208,12 +223,14 @@ def _num(value: Any) -> float | None:
 
 def _cells(stats: pd.DataFrame) -> dict[int, dict[str, Cell]]:
     out: dict[int, dict[str, Cell]] = {}
-    for row, metric, mean, std, n, delta, improved in stats[
-            ["row", "metric", "mean", "std", "n", "delta", "improved"]].itertuples(index=False):
+    for row, metric, mean, std, n, delta, improved, ci in stats[
+            ["row", "metric", "mean", "std", "n", "delta", "improved", "ci95"]].itertuples(
+                index=False):
         d = _num(delta)
         out.setdefault(int(row), {})[metric] = Cell(
             mean=_num(mean), std=_num(std) if n > 1 else None, n=int(n), delta=d,
-            improved=None if d is None else bool(improved))
+            improved=None if d is None else bool(improved),
+            ci95=_num(ci) if n > 1 else None)
     return out
 
 
@@ -230,8 +247,13 @@ def _scale_description(task: TaskSpec, scale: str) -> str:
         return "a scale this harness no longer defines"
 
 
-def _sort_key(row: Row) -> tuple[int, float, str, str]:
-    return (0 if row.rank is not None else 1, row.rank or 0, row.entrant, row.key)
+def _sort_key(primary: MetricInfo) -> Callable[[Row], tuple[int, float, float, str, str]]:
+    """Ranked rows first, by rank, then (within a tie) by the primary metric's mean."""
+    def key(row: Row) -> tuple[int, float, float, str, str]:
+        mean = row.cells[primary.name].mean
+        score = math.inf if mean is None else mean if primary.direction == "min" else -mean
+        return (0 if row.rank is not None else 1, row.rank or 0, score, row.entrant, row.key)
+    return key
 
 
 def _tables(entries: Sequence[Entry], specs: Mapping[str, TaskSpec]) -> list[Table]:
@@ -251,10 +273,8 @@ def _tables(entries: Sequence[Entry], specs: Mapping[str, TaskSpec]) -> list[Tab
             ["idx", "attempt_id", "status", "reason", "primary"]].itertuples(index=False)]
     links = attempts.groupby("row", sort=True)["link"].agg(list)
     rows = _rows_frame(attempts)
-    stats, best_rows = _stats_frame(entries, attempts, rows, specs)
+    stats, best_rows, ranked = _stats_frame(entries, attempts, rows, specs)
     cells = _cells(stats)
-    ranks = {int(r): int(k) for r, k in stats.loc[stats["primary"], ["row", "rank"]]
-             .itertuples(index=False)}
     curves = _mean_curves(entries, attempts, specs)
 
     metrics: dict[tuple[str, ...], list[MetricInfo]] = {
@@ -270,10 +290,13 @@ def _tables(entries: Sequence[Entry], specs: Mapping[str, TaskSpec]) -> list[Tab
             key="/".join(key), task=r.task, task_version=r.task_version, scale=r.scale,
             entrant=entrant_of(r.mode, r.agent, r.model, rep.name), name=rep.name,
             agent=r.agent, mode=r.mode, model=r.model, baseline=bool(r.baseline),
-            status=r.status, reason=r.reason, rank=ranks.get(r.Index), n=n, n_failed=n_failed,
+            status=r.status, reason=r.reason,
+            rank=ranked[r.Index].rank if r.Index in ranked else None, n=n, n_failed=n_failed,
             cells={m.name: mine.get(m.name, EMPTY_CELL) for m in metrics[key[:3]]},
             attempts=links[r.Index], details=details(rep, r.status, r.reason, n, n_failed),
-            curve=curves.get(r.Index, []))
+            curve=curves.get(r.Index, []),
+            tied=r.Index in ranked and ranked[r.Index].tied,
+            p_best=ranked[r.Index].p_best if r.Index in ranked else None)
     out = []
     for (task, version, scale), table_rows in sorted(by_table.items()):
         spec = specs[task]
@@ -284,7 +307,8 @@ def _tables(entries: Sequence[Entry], specs: Mapping[str, TaskSpec]) -> list[Tab
                          primary=spec.primary_metric, metrics=metrics[(task, version, scale)],
                          best_baseline=best.entrant if best else None,
                          best_baseline_key=best.key if best else None,
-                         rows=sorted(table_rows.values(), key=_sort_key)))
+                         rows=sorted(table_rows.values(),
+                                     key=_sort_key(metrics[(task, version, scale)][0]))))
     return out
 
 

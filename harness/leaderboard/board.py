@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -138,6 +138,8 @@ class Cell:
     n: int
     delta: float | None  # mean - the best baseline's mean
     improved: bool | None  # better than the best baseline, in the metric's direction
+    # Half-width of the 95% Student-t interval of the mean (stats.py); None for one seed.
+    ci95: float | None = None
 
 
 EMPTY_CELL = Cell(mean=None, std=None, n=0, delta=None, improved=None)
@@ -191,6 +193,10 @@ class Row:
     attempts: list[AttemptLink]
     details: Details
     curve: list[tuple[int, float]]  # the primary metric's mean curve over the seeds, by step
+    # The tie rule of stats.py: shares its rank with a row Welch's test cannot tell it from;
+    # and the test's p-value on the primary metric against the table's best row.
+    tied: bool = False
+    p_best: float | None = None
 
     @property
     def ranked(self) -> bool:
@@ -271,9 +277,12 @@ def write_board(board: Board, path: Path) -> None:
 
 
 def _from(cls: type[T], data: Any, **nested: Any) -> T:
-    """A dataclass from its asdict() form; `nested` gives the fields already converted."""
-    names = cls.__dataclass_fields__  # type: ignore[attr-defined]
-    return cls(**{k: nested[k] if k in nested else data[k] for k in names})
+    """A dataclass from its asdict() form; `nested` gives the fields already converted. A
+    field with a default may be missing (a board written before the field existed)."""
+    fields = cls.__dataclass_fields__  # type: ignore[attr-defined]
+    return cls(**{k: nested[k] if k in nested else data[k] for k, f in fields.items()
+                  if k in nested or k in data or (f.default is MISSING
+                  and f.default_factory is MISSING)})
 
 
 def board_from_json(data: Any, *, where: str) -> Board:

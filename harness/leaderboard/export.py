@@ -10,6 +10,7 @@ from typing import Any
 
 from harness.errors import UserError
 from harness.leaderboard.board import Board
+from harness.leaderboard.stats import ALPHA
 
 EXPORT_SCHEMA = "harness-leaderboard-export/1"
 EXPORT_FORMATS = ("csv", "md", "json")
@@ -32,20 +33,22 @@ def arrow(direction: str) -> str:
 
 
 def _export_rows(board: Board) -> list[dict[str, Any]]:
-    """Flat rows: identity, rank, status, and per metric its MLS key (mean), `_std`, `_n` and
-    `_delta` columns."""
+    """Flat rows: identity, rank (with `tied` and the primary metric's `p_best`), status, and
+    per metric its MLS key (mean), `_std`, `_ci95`, `_n` and `_delta` columns."""
     out = []
     for t in board.tables:
         for r in t.rows:
             row: dict[str, Any] = {
                 "task": r.task, "task_version": r.task_version, "scale": r.scale,
-                "rank": r.rank, "model": r.entrant, "type": r.mode, "agent": r.agent,
-                "llm": r.model, "submission": r.name, "status": r.status, "reason": r.reason,
+                "rank": r.rank, "tied": r.tied, "p_best": r.p_best, "model": r.entrant,
+                "type": r.mode, "agent": r.agent, "llm": r.model, "submission": r.name,
+                "status": r.status, "reason": r.reason,
                 "n": r.n, "n_failed": r.n_failed, "baseline": r.baseline}
             for m in t.metrics:
                 c = r.cells[m.name]
                 row.update({m.mls_key: c.mean, f"{m.mls_key}_std": c.std,
-                            f"{m.mls_key}_n": c.n, f"{m.mls_key}_delta": c.delta})
+                            f"{m.mls_key}_ci95": c.ci95, f"{m.mls_key}_n": c.n,
+                            f"{m.mls_key}_delta": c.delta})
             row["attempts"] = [a.attempt_id for a in r.attempts]
             row["results"] = [a.result_path for a in r.attempts]
             out.append(row)
@@ -80,8 +83,9 @@ def export_markdown(board: Board) -> str:
     for t in board.tables:
         out += [f"## {t.task} {t.task_version} · scale `{t.scale}`", "",
                 f"Scale {t.scale}: {t.scale_description}. Ranked by {t.metrics[0].label} "
-                f"{arrow(t.metrics[0].direction)}; mean ± std over n seeds; Δ against the best "
-                f"baseline ({t.best_baseline or 'none'}).", ""]
+                f"{arrow(t.metrics[0].direction)}; mean ± the 95% confidence interval "
+                f"(Student t) over n seeds; ranks marked = are tied (Welch's t-test, p ≥ "
+                f"{ALPHA}); Δ against the best baseline ({t.best_baseline or 'none'}).", ""]
         head = ["Rank", "Model", "Type", "n", "Status",
                 *(f"{m.label} {arrow(m.direction)} (`{m.mls_key}`)" for m in t.metrics)]
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -90,12 +94,13 @@ def export_markdown(board: Board) -> str:
             for m in t.metrics:
                 c = r.cells[m.name]
                 text = fmt_value(c.mean)
-                if c.std is not None:
-                    text += f" ± {fmt_value(c.std)}"
+                if c.ci95 is not None:
+                    text += f" ± {fmt_value(c.ci95)}"
                 if c.delta is not None and not r.baseline:
                     text += f" (Δ {fmt_delta(c.delta)})"
                 cells.append(text)
-            out.append("| " + " | ".join([str(r.rank or "-"), _md(r.entrant), r.mode,
+            rank = "-" if r.rank is None else f"{r.rank} =" if r.tied else str(r.rank)
+            out.append("| " + " | ".join([rank, _md(r.entrant), r.mode,
                                           str(r.n), r.status, *cells]) + " |")
         out.append("")
     return "\n".join(out)

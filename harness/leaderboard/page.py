@@ -20,6 +20,7 @@ from markupsafe import Markup, escape
 
 from harness.leaderboard.board import Board, Cell, Row, RunningAttempt, Table
 from harness.leaderboard.export import arrow, fmt_delta, fmt_value
+from harness.leaderboard.stats import ALPHA
 from harness.progress import clock
 from harness.record import Status
 from harness.runtime.fileio import atomic_write_text
@@ -164,7 +165,7 @@ def render_page(board: Board, page_dir: Path) -> str:
     plots = {t.id: loss_plot(t) for t in board.tables}
     running_plots = {r.attempt_id: running_plot(r) for r in board.live}
     return env.get_template(TEMPLATE).render(board=board, plots=plots,
-                                             running_plots=running_plots,
+                                             running_plots=running_plots, alpha=ALPHA,
                                              succeeded=Status.SUCCEEDED.value,
                                              tasks=_task_names(board.tables))
 
