@@ -188,7 +188,7 @@ def new_record(attempt: Attempt, origin: Origin, task: TaskSpec, scale: ScaleSpe
         template_sha256=sha256_bytes(task.template_text().encode("utf-8")),
         spliced_sha256=sha256_bytes(spliced.encode("utf-8")), status=status, runner=runner,
         harness_version=__version__, environment=environment(),
-        started_at=started_at or now_iso(), preflight=preflight or {})
+        started_at=started_at or now_iso(), preflight=preflight or {}, seeds=scale.seeds())
 
 
 def run_attempt(prepared: Prepared, task: TaskSpec, scale: ScaleSpec, *, attempt: Attempt,
@@ -450,7 +450,8 @@ def resume_plan(attempt: Attempt, task: TaskSpec, *, data: Path
     """Everything a resume needs, checked before anything changes: the verified record, the
     stage context, the stages and the one that stopped. UserError when it cannot resume."""
     record = verify_unchanged(attempt, task)
-    scale = task.scale(record.scale)
+    # The seeds it ran with, which need not be the scale's own (seed k of several).
+    scale = task.scale(record.scale).with_seeds(record.seeds)
     data_dir = dataset_dir(scale, data)
     if sha256_file(data_dir / "manifest.json") != record.dataset.get("manifest_sha256"):
         raise UserError("the dataset's manifest differs from the one the attempt trained on",

@@ -41,7 +41,20 @@ def _run_args(p: argparse.ArgumentParser) -> None:
                    help="where attempts are written (default: $HARNESS_RUNS or ./runs)")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="root of prepared datasets (default: $HARNESS_DATA or ./data)")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="run each submission N times, at the scale's seeds plus 0..N-1, each "
+                        "its own attempt (default 1); the leaderboard aggregates them")
     _runner_args(p)
+
+
+def _checked_seeds(args: argparse.Namespace) -> int:
+    from harness.errors import UserError
+    from harness.task import MAX_SEEDS
+
+    if not 1 <= args.seeds <= MAX_SEEDS:
+        raise UserError(f"--seeds {args.seeds}: each seed is a whole attempt",
+                        fix=f"pass a count from 1 to {MAX_SEEDS}")
+    return int(args.seeds)
 
 
 def _runner_args(p: argparse.ArgumentParser) -> None:
@@ -228,14 +241,15 @@ def _runs_dir(args: argparse.Namespace) -> Path:
 
 
 def _run_one(submission: Path, args: argparse.Namespace, *, origin: str = "run",
-             trusted: bool = False) -> tuple[AttemptRecord, Path]:
-    """One plain attempt: its record and where its result.json is."""
+             trusted: bool = False, seed: int = 0) -> tuple[AttemptRecord, Path]:
+    """One plain attempt at seed `seed` of the scale: its record and where its result.json
+    is."""
     from harness.attempt import data_root, prepare, run_submission
     from harness.record import Origin
     from harness.task import load_task
 
     task = load_task(args.task)
-    scale = task.scale(args.scale)
+    scale = task.scale(args.scale).seed_run(seed)
     prepared = prepare(submission, task)
     runner = _runner_from(args) if trusted else _checked_runner(args)
     record, attempt = run_submission(prepared, task, scale, runs_dir=_runs_dir(args),
@@ -251,8 +265,36 @@ def _primary(args: argparse.Namespace) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    r, path = _run_one(args.submission, args)
-    return _print_result(r, path, _primary(args))
+    from harness.record import worst_exit_code
+
+    seeds = _checked_seeds(args)
+    results = []
+    for k in range(seeds):
+        if seeds > 1:
+            print(f"[run] seed {k + 1} of {seeds}", flush=True)
+        results.append(_run_one(args.submission, args, seed=k))
+        _print_result(*results[-1], _primary(args))
+    if seeds > 1:
+        print(seeds_summary([r for r, _ in results], _primary(args)))
+    return worst_exit_code([r.status for r, _ in results])
+
+
+def seeds_summary(records: Sequence[AttemptRecord], name: str) -> str:
+    """One line over the seeds of one submission: mean ± the 95% interval of the succeeded."""
+    import statistics
+
+    from harness.leaderboard.stats import ci_halfwidths
+
+    values = [r.metrics[name] for r in records if r.status.ranked and name in r.metrics]
+    failed = len(records) - len(values)
+    tail = f"; {failed} of {len(records)} seeds did not succeed" if failed else ""
+    if not values:
+        return f"{name}: no seed succeeded{tail}"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{name}: {mean:.4f} (1 seed){tail}"
+    (half,) = ci_halfwidths([statistics.stdev(values)], [len(values)])
+    return f"{name}: {mean:.4f} ± {half:.4f} (95% CI, {len(values)} seeds){tail}"
 
 
 def _print_result(r: AttemptRecord, path: Path, name: str) -> int:
@@ -325,10 +367,14 @@ def cmd_baselines(args: argparse.Namespace) -> int:
     dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not dirs:
         raise UserError(f"no baseline folders in {root}")
+    seeds = _checked_seeds(args)
     rows = []
     for d in dirs:
-        print(f"[baselines] {d.name}: running at scale {args.scale} ...", flush=True)
-        rows.append(_run_one(d, args, origin="baseline", trusted=True))  # our own baselines
+        for k in range(seeds):
+            at = f" (seed {k + 1} of {seeds})" if seeds > 1 else ""
+            print(f"[baselines] {d.name}: running at scale {args.scale}{at} ...", flush=True)
+            # Our own baselines: trusted, run on the configured runner without the note.
+            rows.append(_run_one(d, args, origin="baseline", trusted=True, seed=k))
     print(format_table(rows, _primary(args)))
     # The page of exactly these runs (not of everything in the runs dir), next to them.
     from harness.leaderboard import baselines_page
@@ -350,12 +396,13 @@ def _shown(path: str) -> str:
 
 
 def format_table(rows: Sequence[tuple[AttemptRecord, Path]], name: str) -> str:
-    head = ("baseline", "status", name, "train s", "result")
+    head = ("baseline", "seeds", "status", name, "train s", "result")
     body = []
     for r, path in rows:
         val = r.metrics.get(name)
         first = next(iter(r.stages.values()), None)
-        body.append((r.name, r.status.value, f"{val:.4f}" if val is not None else "-",
+        seeds = "/".join(str(v) for v in r.seeds.values()) or "-"
+        body.append((r.name, seeds, r.status.value, f"{val:.4f}" if val is not None else "-",
                      f"{first.wall_s:.1f}" if first is not None else "-", _shown(str(path))))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=False)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)

@@ -202,6 +202,9 @@ class AttemptRecord:
     # The pre-flight that cleared the attempt, one line per check (checks.json has the full
     # report). Empty when the caller ran no pre-flight.
     preflight: dict[str, Any] = field(default_factory=dict)
+    # The seeds it ran with, by kind (harness.task.SEED_KEYS: "init", "data"); empty in a
+    # record written before seeds were recorded (they were the template's 42).
+    seeds: dict[str, int] = field(default_factory=dict)
 
     @property
     def name(self) -> str:

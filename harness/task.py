@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,13 @@ class MetricSpec:
         return a < b if self.direction == "min" else a > b
 
 
+# The template's seeds, frozen for submissions and set by every scale: the weights'
+# initialisation (and dropout), and the order of the training batches.
+SEED_KEYS = {"init": "init_seed", "data": "data_seed"}
+# Most seeds one command may run (`--seeds`): each is a whole attempt.
+MAX_SEEDS = 20
+
+
 @dataclass(frozen=True)
 class ScaleSpec:
     name: str
@@ -84,6 +92,20 @@ class ScaleSpec:
     def cli_args(self) -> list[str]:
         """The scale's config as the template's --name=value arguments."""
         return [f"--{k}={_format_value(v)}" for k, v in self.config.items()]
+
+    def seeds(self) -> dict[str, int]:
+        """The run's seeds, by kind ("init", "data"), as the scale sets them."""
+        return {kind: int(self.config[key]) for kind, key in SEED_KEYS.items()
+                if key in self.config}
+
+    def with_seeds(self, seeds: Mapping[str, int]) -> ScaleSpec:
+        """The same scale with these seeds (kinds of SEED_KEYS) in place of its own."""
+        return replace(self, config={**self.config,
+                                     **{SEED_KEYS[k]: int(v) for k, v in seeds.items()}})
+
+    def seed_run(self, k: int) -> ScaleSpec:
+        """The scale at seed k of several (0: the scale itself): every seed moved by k."""
+        return self.with_seeds({kind: v + k for kind, v in self.seeds().items()})
 
 
 @dataclass(frozen=True)

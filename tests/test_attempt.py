@@ -72,10 +72,10 @@ def test_baselines_command_records_success_and_submission_failure(tmp_path: Path
     page = tmp_path / lines[-1].removeprefix("leaderboard: ")
     assert page.is_file() and "int2_uniform" in page.read_text()
     table = lines[:-1]
-    assert table[-4].split()[:3] == ["baseline", "status", "val_loss"]
+    assert table[-4].split()[:4] == ["baseline", "seeds", "status", "val_loss"]
     by_name = {line.split()[0]: line.split() for line in table[-2:]}
-    assert by_name["crashes"][1] == "failed_submission"
-    assert by_name["int2_uniform"][1] == "succeeded"
+    assert by_name["crashes"][1:3] == ["42/42", "failed_submission"]
+    assert by_name["int2_uniform"][1:3] == ["42/42", "succeeded"]
 
     # The table shows result paths relative to the directory the command ran in.
     good_path, bad_path = tmp_path / by_name["int2_uniform"][-1], tmp_path / by_name["crashes"][-1]
@@ -83,9 +83,11 @@ def test_baselines_command_records_success_and_submission_failure(tmp_path: Path
     good = json.loads(good_path.read_text())
     assert good["schema_version"] == 2 and good["status"] == "succeeded"
     assert good["origin"] == {"kind": "baseline", "session_id": None, "number": None}
+    assert good["seeds"] == {"init": 42, "data": 42}
     assert good["task"] == {"name": "llm-pretrain-bitlinear", "version": task.version}
     attempt = good_path.parent
     final = json.loads((attempt / "pretrain" / "final.json").read_text())
+    assert (final["config"]["init_seed"], final["config"]["data_seed"]) == (42, 42)
     # The official val_loss is the eval stage's recomputation from the checkpoint (one
     # process, float32 on CPU); training's own number agrees to float32 rounding.
     scored = json.loads((attempt / "lm-eval" / "eval.json").read_text())["val_loss"]
@@ -109,6 +111,40 @@ def test_baselines_command_records_success_and_submission_failure(tmp_path: Path
     assert bad["reason"] == ("training raised: RuntimeError: "
                              "submission bug: exploded after a few steps")
     assert "in forward" in bad["stages"]["pretrain"]["traceback"]
+
+
+@pytest.mark.slow
+def test_seeds_are_attempts_of_their_own_and_one_row_of_the_board(tmp_path: Path) -> None:
+    from harness.leaderboard import build_board
+
+    subs = tmp_path / "subs"
+    shutil.copytree(REPO / "baselines" / "int2_uniform", subs / "int2_uniform")
+    proc = run_cli("baselines", "--scale", "smoke", "--seeds", "2", "--baselines-dir",
+                   str(subs), "--runs-dir", "runs", "--data-dir", "data", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "int2_uniform: running at scale smoke (seed 2 of 2)" in proc.stdout
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "runs").glob(
+        "*/result.json"))]
+    assert sorted(r["seeds"]["init"] for r in records) == [42, 43]
+    assert all(r["seeds"]["data"] == r["seeds"]["init"] for r in records)
+    # The knob is live: another seed trains another model.
+    losses = [r["metrics"]["val_loss"] for r in records]
+    assert losses[0] != losses[1]
+    # One row of two seeds, with its interval, on the page of these runs.
+    (row,) = build_board([tmp_path / "runs"]).tables[0].rows
+    assert row.n == 2 and row.cells["val_loss"].ci95 is not None
+    page = (tmp_path / "runs" / "leaderboard" / "index.html").read_text()
+    assert "over 2 seeds" in page
+
+
+@pytest.mark.parametrize("count", ["0", "-1", "21"])
+def test_a_seed_count_out_of_range_is_refused(tmp_path: Path, count: str) -> None:
+    proc = run_cli("run", str(REPO / "baselines" / "int2_uniform"), "--seeds", count,
+                   "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert f"--seeds {count}: each seed is a whole attempt" in proc.stderr
+    assert "pass a count from 1 to 20" in proc.stderr
+    assert not (tmp_path / "runs").exists()  # nothing ran
 
 
 def _stage_run(tmp_path: Path, *, guard: bool = True, **kw: object) -> StageRun:

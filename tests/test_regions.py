@@ -70,7 +70,7 @@ def test_template_layout_round_trips_byte_for_byte() -> None:
 def test_template_regions_sit_where_the_task_statement_says() -> None:
     layout = parse_layout(TEMPLATE)
     assert layout.span("bitlinear") == (38, 115) == TASK.region("bitlinear").documented_lines
-    assert layout.span("config_overrides") == (167, 167)
+    assert layout.span("config_overrides") == (168, 168)
     assert layout.spans() == [(B1 + 1, E1 - 1), (B2 + 1, E2 - 1)]
 
 
@@ -241,21 +241,21 @@ def _body(n: int) -> str:
 def test_transcript_replace_undo_replace_keeps_the_second_region() -> None:
     s = EditSession(TEMPLATE)
     second = B2 + 1 - 15  # the 78-line region shrinks to 63 lines
-    assert second == 152
+    assert second == 153
     assert s.replace(38, 115, _body(63)) == (
         "OK: Replaced lines 38..115 with 63 line(s) in custom_pretrain.py. "
         f"Editable range: 38–100, {second}–{second}.")
-    assert scan(s.text()) == [("bitlinear", 37, 101), ("config_overrides", 151, 153)]
+    assert scan(s.text()) == [("bitlinear", 37, 101), ("config_overrides", 152, 154)]
     assert s.undo() == ("Undo complete: restored 1 edit(s) in custom_pretrain.py. "
-                        "Editable range: 38–115, 167–167.")
+                        "Editable range: 38–115, 168–168.")
     assert s.text() == TEMPLATE
     assert s.replace(38, 115, _body(55)) == (
         "OK: Replaced lines 38..115 with 55 line(s) in custom_pretrain.py. "
-        "Editable range: 38–92, 144–144.")
+        "Editable range: 38–92, 145–145.")
     # The bug being fixed: growing the first region must move, not swallow, the second.
-    assert s.replace(38, 92, _body(90)).endswith("Editable range: 38–127, 179–179.")
+    assert s.replace(38, 92, _body(90)).endswith("Editable range: 38–127, 180–180.")
     assert s.regions()["config_overrides"] == "CONFIG_OVERRIDES = {}\n"
-    assert scan(s.text())[1] == ("config_overrides", 178, 180)
+    assert scan(s.text())[1] == ("config_overrides", 179, 181)
     assert frozen_runs(s.text()) == T_FROZEN
     assert s.undo(2).startswith("Undo complete: restored 2 edit(s)")
     assert s.text() == TEMPLATE
@@ -265,14 +265,14 @@ def test_view_marks_editable_lines() -> None:
     s = EditSession(TEMPLATE)
     out = s.view(B1, B1 + 1).split("\n")
     assert out == [
-        f"[Current file: custom_pretrain.py | editable: 38–115, 167–167 | total: "
+        f"[Current file: custom_pretrain.py | editable: 38–115, 168–168 | total: "
         f"{len(T_LINES)} lines]",
         f"  37 | {begin_marker('bitlinear')}",
         f"  38 ▸ {T_LINES[37]}",
     ]
     assert s.view().count("\n") == len(T_LINES)
-    assert s.view(167, 168).split("\n")[1:] == [" 167 ▸ CONFIG_OVERRIDES = {}",
-                                                f" 168 | {end_marker('config_overrides')}"]
+    assert s.view(168, 169).split("\n")[1:] == [" 168 ▸ CONFIG_OVERRIDES = {}",
+                                                f" 169 | {end_marker('config_overrides')}"]
 
 
 @pytest.mark.parametrize(("start", "end"), [(0, 3), (5, 4), (3, len(T_LINES) + 1)])
@@ -285,13 +285,13 @@ def test_view_bounds(start: int, end: int) -> None:
 
 def test_empty_region_insert_and_range_text() -> None:
     s = EditSession(TEMPLATE)
-    assert s.replace(167, 167, "").endswith("Editable range: 38–115, 167–166 (empty).")
+    assert s.replace(168, 168, "").endswith("Editable range: 38–115, 168–167 (empty).")
     assert s.regions()["config_overrides"] == ""
-    assert "[Current file: custom_pretrain.py | editable: 38–115, 167–166 (empty) |" in s.view()
-    assert s.replace(167, 166, "A = 1\nB = 2") == (
-        "OK: Inserted 2 line(s) at line 167 in custom_pretrain.py. "
-        "Editable range: 38–115, 167–168.")
-    assert s.replace(38, 37, "\n").endswith("Editable range: 38–116, 168–169.")
+    assert "[Current file: custom_pretrain.py | editable: 38–115, 168–167 (empty) |" in s.view()
+    assert s.replace(168, 167, "A = 1\nB = 2") == (
+        "OK: Inserted 2 line(s) at line 168 in custom_pretrain.py. "
+        "Editable range: 38–115, 168–169.")
+    assert s.replace(38, 37, "\n").endswith("Editable range: 38–116, 169–170.")
     assert s.regions()["bitlinear"].startswith("\n# -- Native")
 
 
@@ -307,7 +307,7 @@ def test_replace_straddling_the_begin_marker() -> None:
     e = _refused(EditSession(TEMPLATE), 35, 39)
     assert (e.where, e.what) == ("custom_pretrain.py",
                                  "lines 35..39 are not inside one editable region")
-    assert e.fix == "edit within one editable range: 38–115, 167–167 (nothing was changed)"
+    assert e.fix == "edit within one editable range: 38–115, 168–168 (nothing was changed)"
     assert e.details == "\n".join([
         "3 frozen line(s) in the request:",
         f"  35 | {T_LINES[34]}", f"  36 | {T_LINES[35]}", f"  37 | {T_LINES[36]}"])
@@ -335,7 +335,7 @@ def test_undo_limits() -> None:
     with pytest.raises(UserError) as err:
         s.undo()
     assert err.value.what == "cannot undo 1 edit(s): 0 edit(s) can be undone"
-    s.replace(167, 167, "X = 1")
+    s.replace(168, 168, "X = 1")
     with pytest.raises(UserError) as err:
         s.undo(2)
     assert err.value.fix == "use 1 <= n <= 1"
@@ -351,7 +351,7 @@ def test_apply_log_replays_ops() -> None:
         {"op": "replace", "start_line": 38, "end_line": 115, "content": "A = 1\r\nB = 2\r\n"},
         {"op": "replace", "start_line": 39, "end_line": 39, "content": "B = 3",
          "filename": "custom_pretrain.py"},
-        {"op": "replace", "start_line": 91, "end_line": 91, "content": "C = {}"},
+        {"op": "replace", "start_line": 92, "end_line": 92, "content": "C = {}"},
         {"op": "undo"},
     ])
     assert s.regions() == {"bitlinear": "A = 1\nB = 3\n", "config_overrides":
@@ -376,7 +376,7 @@ def test_apply_log_replays_ops() -> None:
 ])
 def test_apply_log_errors_name_the_op_and_change_nothing(op: object, what: str) -> None:
     s = EditSession(TEMPLATE)
-    good = {"op": "replace", "start_line": 167, "end_line": 167, "content": "X = 1"}
+    good = {"op": "replace", "start_line": 168, "end_line": 168, "content": "X = 1"}
     with pytest.raises(UserError) as err:
         s.apply_log([good, op], where="log.json")
     assert (err.value.where, err.value.what) == ("log.json", what)

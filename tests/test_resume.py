@@ -532,3 +532,18 @@ def test_the_page_shows_a_running_test_and_its_curves_so_far(resume_task: TaskSp
     # Finished, it is no longer running; unsubmitted, it is not on the board either.
     with pytest.raises(UserError, match="no final results"):
         build_board(home=home)
+
+
+def test_an_attempt_at_another_seed_resumes_at_its_own_seeds(tmp_path: Path, task: TaskSpec,
+                                                               smoke_data: Path) -> None:
+    attempt = Attempt.create(tmp_path, "seed1")
+    stopped = run_attempt(prepare(REPO / "baselines" / "ternary_158bit", task),
+                          task, task.scale("smoke").seed_run(1), attempt=attempt,
+                          origin=Origin("run"), data=smoke_data,
+                          runner=FlakyPretrain(failures=1), retries=0)
+    assert stopped.status is Status.FAILED_INFRA and stopped.seeds == {"init": 43, "data": 43}
+    runner = FlakyPretrain(failures=0)
+    resumed = resume_attempt(attempt, task, data=smoke_data, runner=runner)
+    assert resumed.status is Status.SUCCEEDED and resumed.seeds == stopped.seeds
+    (argv,) = runner.launches
+    assert {"--init_seed=43", "--data_seed=43"} <= set(argv)

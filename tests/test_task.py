@@ -57,3 +57,13 @@ def test_an_unknown_scale_lists_the_known_ones(task: TaskSpec) -> None:
     with pytest.raises(UserError) as e:
         task.scale("gpt-1b")
     assert "gpt-124m, gpt-345m, smoke" in str(e.value)
+
+
+def test_seed_k_of_several_moves_every_seed_by_k(task: TaskSpec) -> None:
+    smoke = task.scale("smoke")
+    assert smoke.seeds() == {"init": 42, "data": 42}
+    third = smoke.seed_run(2)
+    assert third.seeds() == {"init": 44, "data": 44} and smoke.seeds()["init"] == 42
+    assert "--init_seed=44" in third.cli_args() and "--data_seed=44" in third.cli_args()
+    assert smoke.seed_run(0).config == smoke.config
+    assert smoke.with_seeds({"data": 7}).seeds() == {"init": 42, "data": 7}

@@ -125,7 +125,8 @@ eval_interval = 1000  # iterations between validation passes
 log_interval = 10
 eval_iters = 20  # validation batches per rank in each pass (fixed windows)
 save_checkpoint = True
-seed = 42
+init_seed = 42  # the weights' initialisation and dropout (plus the rank)
+data_seed = 42  # the order of the training batches (plus the rank)
 # model
 n_layer = 24
 n_head = 16
@@ -619,7 +620,7 @@ def main(argv):
     ctx = (nullcontext() if dt == "float32" else
            torch.autocast(device_type=device_type, dtype={"bfloat16": torch.bfloat16,
                                                           "float16": torch.float16}[dt]))
-    torch.manual_seed(seed + rank)
+    torch.manual_seed(init_seed + rank)
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -629,7 +630,7 @@ def main(argv):
     train_shards = load_split(data_dir, "train", vocab_size)
     val_shards = load_split(data_dir, "val", vocab_size)
     weights = torch.tensor([float(len(s)) for s in train_shards])
-    gen = torch.Generator().manual_seed(seed + rank)
+    gen = torch.Generator().manual_seed(data_seed + rank)
     windows = val_windows(val_shards, eval_iters * batch_size * world)[rank::world]
 
     model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
