@@ -138,11 +138,12 @@ def test_full_file(tmp_path: Path) -> None:
 
 
 def test_full_file_with_a_frozen_change(tmp_path: Path) -> None:
-    path = _write(tmp_path / "full.py", TEMPLATE.replace("seed = 42\n", "seed = 7\n"))
-    n = TEMPLATE.split("\n").index("seed = 42") + 1
+    path = _write(tmp_path / "full.py",
+                  TEMPLATE.replace("\nlog_interval = 10\n", "\nlog_interval = 7\n"))
+    n = TEMPLATE.split("\n").index("log_interval = 10") + 1
     e = _error(path)
     assert (e.what, e.where) == ("1 frozen line(s) changed", str(path))
-    assert e.details == f"line {n}:\n- seed = 42\n+ seed = 7"
+    assert e.details == f"line {n}:\n- log_interval = 10\n+ log_interval = 7"
 
 
 def test_edit_log_list_and_object(tmp_path: Path) -> None:
