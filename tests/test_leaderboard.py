@@ -93,9 +93,13 @@ def test_seeds_aggregate_to_mean_sample_std_and_n(tmp_path: Path) -> None:
     assert len(row.attempts) == 3 and len(table.rows) == 1
     low, high = scipy_stats.t.interval(0.95, 2, loc=cell.mean, scale=scipy_stats.sem(losses))
     assert cell.ci95 == pytest.approx((high - low) / 2)
-    # Seeds average the curve step by step too.
+    # Seeds average the curve step by step too, with the interval of each step's mean.
     first_points = [statistics.mean([v + 1.5 for v in losses])]
     assert row.curve[0] == (0, pytest.approx(first_points[0]))
+    assert [s for s, _ in row.curve_ci95] == [s for s, _ in row.curve]
+    assert row.curve_ci95[0][1] == pytest.approx((high - low) / 2)  # the same spread per step
+    page = render_page(build_board([tmp_path]), tmp_path)
+    assert page.count(f'<g id="ci-{table.id}-') == 1 and "shaded: the 95% confidence" in page
 
 
 def test_entries_that_seeds_cannot_tell_apart_share_a_rank(tmp_path: Path) -> None:

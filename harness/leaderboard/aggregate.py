@@ -188,10 +188,14 @@ def _ranks(values: pd.DataFrame, primary: pd.DataFrame) -> dict[int, Ranked]:
     return out
 
 
+Curve = list[tuple[int, float]]
+
+
 def _mean_curves(entries: Sequence[Entry], attempts: pd.DataFrame,
-                 specs: Mapping[str, TaskSpec]) -> dict[int, list[tuple[int, float]]]:
+                 specs: Mapping[str, TaskSpec]) -> tuple[dict[int, Curve], dict[int, Curve]]:
     """Each row's curve of its task's primary metric (recorded by the metric's stage), averaged
-    over its succeeded seeds step by step."""
+    over its succeeded seeds step by step; and, at the steps with two seeds or more, the
+    half-width of the mean's 95% interval there (the plot's error band)."""
     import pandas as pd
 
     where = {t: (s.metric(s.primary_metric).stage, s.primary_metric) for t, s in specs.items()}
@@ -204,13 +208,17 @@ def _mean_curves(entries: Sequence[Entry], attempts: pd.DataFrame,
                    if isinstance(p, dict) and type(p.get("step")) is int
                    and type(v := p.get(name, math.nan)) in (int, float) and math.isfinite(v)]
     if not points:
-        return {}
-    means = pd.DataFrame.from_records(points, columns=["row", "step", "value"]) \
-        .groupby(["row", "step"], sort=True)["value"].mean()
-    out: dict[int, list[tuple[int, float]]] = {}
-    for (row, step), val in means.items():
-        out.setdefault(int(row), []).append((int(step), float(val)))
-    return out
+        return {}, {}
+    by_step = pd.DataFrame.from_records(points, columns=["row", "step", "value"]) \
+        .groupby(["row", "step"], sort=True)["value"].agg(["mean", "std", "count"])
+    by_step["ci"] = ci_halfwidths(by_step["std"], by_step["count"])
+    means: dict[int, Curve] = {}
+    bands: dict[int, Curve] = {}
+    for (row, step), mean, ci in by_step[["mean", "ci"]].itertuples(name=None):
+        means.setdefault(int(row), []).append((int(step), float(mean)))
+        if math.isfinite(ci):
+            bands.setdefault(int(row), []).append((int(step), float(ci)))
+    return means, bands
 
 
 # --- the board's dataclasses ---------------------------------------------------------------
@@ -275,7 +283,7 @@ def _tables(entries: Sequence[Entry], specs: Mapping[str, TaskSpec]) -> list[Tab
     rows = _rows_frame(attempts)
     stats, best_rows, ranked = _stats_frame(entries, attempts, rows, specs)
     cells = _cells(stats)
-    curves = _mean_curves(entries, attempts, specs)
+    curves, bands = _mean_curves(entries, attempts, specs)
 
     metrics: dict[tuple[str, ...], list[MetricInfo]] = {
         (task, version, scale): _table_metrics(specs[task], scale)
@@ -294,7 +302,7 @@ def _tables(entries: Sequence[Entry], specs: Mapping[str, TaskSpec]) -> list[Tab
             rank=ranked[r.Index].rank if r.Index in ranked else None, n=n, n_failed=n_failed,
             cells={m.name: mine.get(m.name, EMPTY_CELL) for m in metrics[key[:3]]},
             attempts=links[r.Index], details=details(rep, r.status, r.reason, n, n_failed),
-            curve=curves.get(r.Index, []),
+            curve=curves.get(r.Index, []), curve_ci95=bands.get(r.Index, []),
             tied=r.Index in ranked and ranked[r.Index].tied,
             p_best=ranked[r.Index].p_best if r.Index in ranked else None)
     out = []

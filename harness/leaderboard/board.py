@@ -197,6 +197,8 @@ class Row:
     # and the test's p-value on the primary metric against the table's best row.
     tied: bool = False
     p_best: float | None = None
+    # The half-width of the 95% interval of that mean, at the steps with two seeds or more.
+    curve_ci95: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def ranked(self) -> bool:
@@ -306,7 +308,8 @@ def _row_from_json(r: Any) -> Row:
     return _from(Row, r, cells={k: _from(Cell, c) for k, c in r["cells"].items()},
                  attempts=[_from(AttemptLink, a) for a in r["attempts"]],
                  details=_from(Details, r["details"]),
-                 curve=[(int(s), float(v)) for s, v in r["curve"]])
+                 curve=[(int(s), float(v)) for s, v in r["curve"]],
+                 curve_ci95=[(int(s), float(v)) for s, v in r.get("curve_ci95", [])])
 
 
 def _running_from_json(r: Any) -> RunningAttempt:

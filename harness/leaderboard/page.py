@@ -73,9 +73,18 @@ def loss_plot(table: Table) -> Plot:
         for i, r in enumerate(rows):
             steps = [s for s, _ in r.curve]
             vals = [v for _, v in r.curve]
-            ax.plot(steps, vals, color=colors(i % colors.N), linestyle="--" if r.baseline else "-",
+            color = colors(i % colors.N)
+            ax.plot(steps, vals, color=color, linestyle="--" if r.baseline else "-",
                     marker="o" if len(steps) <= 20 else None, markersize=3, linewidth=1.4,
                     label=f"#{r.rank} {r.entrant} ({r.mode}, n={r.n})")
+            if r.curve_ci95:
+                # The error band: the mean's 95% interval over the seeds, at each step.
+                mean = dict(r.curve)
+                at = [s for s, _ in r.curve_ci95]
+                band = ax.fill_between(at, [mean[s] - h for s, h in r.curve_ci95],
+                                       [mean[s] + h for s, h in r.curve_ci95],
+                                       color=color, alpha=0.18, linewidth=0)
+                band.set_gid(f"ci-{table.id}-{i}")
         ax.set_xlabel("iteration")
         ax.set_ylabel("validation loss")
         ax.set_title(f"Validation loss, scale {table.scale} (mean over seeds)", fontsize=10)
@@ -85,8 +94,10 @@ def loss_plot(table: Table) -> Plot:
         fig.savefig(buf, format="svg", metadata={"Date": None})
     caption = (f"Validation loss against iteration for {len(rows)} of the {shown} ranked "
                f"row(s) with a curve at scale {table.scale}"
-               + (": every baseline (dashed) and the best-ranked others." if len(rows) < shown
-                  else "; baselines dashed."))
+               + (": every baseline (dashed) and the best-ranked others" if len(rows) < shown
+                  else "; baselines dashed")
+               + ("; shaded: the 95% confidence interval of the mean over the seeds."
+                  if any(r.curve_ci95 for r in rows) else "."))
     return Plot(Markup(_strip_svg(buf.getvalue())), caption)
 
 

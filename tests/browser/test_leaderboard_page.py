@@ -183,3 +183,46 @@ def test_leaderboard_page_in_chromium(driver: Any, page: Path, tmp_path: Path,
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
     with capsys.disabled():
         print(f"\nleaderboard screenshot: {shot}\nleaderboard page: {page}")
+
+
+@pytest.fixture(scope="module")
+def seeded_page(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The page `harness baselines --scale smoke --seeds 3` writes: three real seeds of each
+    baseline on CPU, and the command's own table."""
+    import subprocess
+    import sys
+
+    work = tmp_path_factory.mktemp("seeded")
+    proc = subprocess.run([sys.executable, "-m", "harness", "baselines", "--scale", "smoke",
+                           "--seeds", "3", "--runs-dir", "runs", "--data-dir", "data"],
+                          cwd=work, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return work / "runs" / "leaderboard" / "index.html", proc.stdout
+
+
+def test_three_seeds_show_as_n_3_with_intervals_and_error_bands(
+        driver: Any, seeded_page: tuple[Path, str], capsys: pytest.CaptureFixture[str]) -> None:
+    from selenium.webdriver.common.by import By
+
+    page, table_text = seeded_page
+    driver.get(page.resolve().as_uri())
+    smoke = _table(driver, "smoke")
+    rows = smoke.find_elements(By.CSS_SELECTOR, "tbody.entry tr.row")
+    assert len(rows) == 3  # one row per baseline, its seeds aggregated
+    for row in rows:
+        cells = row.find_elements(By.CSS_SELECTOR, "td")
+        assert cells[5].text == "3"  # n
+        val = row.find_element(By.CSS_SELECTOR, 'td[data-metric="val_loss"]')
+        assert "±" in val.text  # the 95% interval
+        ci = val.find_element(By.CSS_SELECTOR, "span.std")
+        assert "95% confidence interval" in (ci.get_attribute("title") or "")
+    # Every rank is a number, with the tie mark where Welch's test cannot tell rows apart.
+    ranks = [r.find_elements(By.CSS_SELECTOR, "td")[1].text.split()[0] for r in rows]
+    assert all(x.isdigit() for x in ranks) and ranks[0] == "1"
+    # The plot draws an error band per row, visible in the browser.
+    bands = driver.find_elements(By.CSS_SELECTOR, 'figure.plot svg g[id^="ci-"]')
+    assert len(bands) == 3 and all(b.find_elements(By.CSS_SELECTOR, "path") for b in bands)
+    caption = driver.find_element(By.CSS_SELECTOR, "figure.plot figcaption").text
+    assert "95% confidence interval of the mean over the seeds" in caption
+    with capsys.disabled():
+        print(f"\nbaselines at smoke, 3 seeds each:\n{table_text}")
