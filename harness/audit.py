@@ -119,7 +119,7 @@ class AuditReport:
 
     def _summary(self) -> list[str]:
         files = sum(e.files for e in self.entries)
-        bad = [f"TAMPERED #{e.attempt.number} ({e.attempt.id}): {p}"
+        bad = [f"TAMPERED {e.attempt.label} ({e.attempt.id}): {p}"
                for e in self.entries for p in e.problems]
         bad += [f"LEDGER: {p}" for p in self.ledger_problems]
         if not bad:
@@ -135,7 +135,8 @@ def _entry_lines(e: AuditEntry) -> list[str]:
     a = e.attempt
     took = a.duration_s()
     shown = ", ".join(f"{k}={v:.4f}" for k, v in e.metrics.items()) or a.reason or ""
-    lines = [f"  {a.number:>2}  {a.status:<17}  {_charge(a):<11}  "
+    charge = f"final s{a.seed}" if a.is_final else _charge(a)
+    lines = [f"  {a.number:>2}  {a.status:<17}  {charge:<11}  "
              f"{f'{took:.1f}s' if took is not None else '-':>8}  {shown}"]
     if a.refunded:
         lines.append(f"      refund: {a.refund_reason}")
@@ -148,7 +149,8 @@ def _entry_lines(e: AuditEntry) -> list[str]:
 def audit(ledger: Ledger, ref: str) -> AuditReport:
     """The history of a session (or of the session of one attempt), every file re-hashed."""
     if ledger.has_session(ref):
-        session, attempts = ledger.session(ref), ledger.attempts(ref)
+        # A final submission's runs at its other seeds after the tests: outside the budget.
+        session, attempts = ledger.session(ref), [*ledger.attempts(ref), *ledger.finals(ref)]
     else:
         one = ledger.find_attempt(ref)
         session, attempts = ledger.session(one.session_id), [one]

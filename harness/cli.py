@@ -281,20 +281,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def seeds_summary(records: Sequence[AttemptRecord], name: str) -> str:
     """One line over the seeds of one submission: mean ± the 95% interval of the succeeded."""
-    import statistics
+    from harness.leaderboard.stats import seeds_line
 
-    from harness.leaderboard.stats import ci_halfwidths
-
-    values = [r.metrics[name] for r in records if r.status.ranked and name in r.metrics]
-    failed = len(records) - len(values)
-    tail = f"; {failed} of {len(records)} seeds did not succeed" if failed else ""
-    if not values:
-        return f"{name}: no seed succeeded{tail}"
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{name}: {mean:.4f} (1 seed){tail}"
-    (half,) = ci_halfwidths([statistics.stdev(values)], [len(values)])
-    return f"{name}: {mean:.4f} ± {half:.4f} (95% CI, {len(values)} seeds){tail}"
+    return seeds_line(name, [r.metrics[name] for r in records
+                             if r.status.ranked and name in r.metrics], len(records))
 
 
 def _print_result(r: AttemptRecord, path: Path, name: str) -> int:
@@ -636,8 +626,19 @@ def _add_session_commands(sub: Any) -> None:
     q = _session_parser(ssub, "test", "check, then train (charged when training starts)",
                         cmd_session_test, data=True)
     _runner_args(q)
-    q = _session_parser(ssub, "submit", "choose test #N as the final answer", cmd_session_submit)
+    q = _session_parser(ssub, "submit", "choose test #N as the final answer, then run it at "
+                        "the task's other final seeds (outside the budget)", cmd_session_submit,
+                        data=True)
     q.add_argument("n", type=int, help="the test number")
+    q.add_argument("--no-finals", dest="finals", action="store_false",
+                   help="only record the choice; `harness session finals ID` runs the seeds")
+    _runner_args(q)
+    q = _session_parser(ssub, "finals", "run the seeds the final submission still lacks, and "
+                        "show them", cmd_session_finals, data=True)
+    q.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="score the final over N seeds, the submitted test included "
+                        "(default: the scale's final_seeds)")
+    _runner_args(q)
     q = _session_parser(ssub, "status", "budget, tests and submission", cmd_session_status)
     q.add_argument("--json", action="store_true")
     q = ssub.add_parser("tools", help="print the JSON tool schemas")
@@ -750,9 +751,22 @@ def cmd_session_test(args: argparse.Namespace) -> int:
 
 
 def cmd_session_submit(args: argparse.Namespace) -> int:
+    _interrupt_on_sigterm()
     with _open_session(args) as s:
-        print(s.submit(args.n))
-    return 0
+        print(s.submit(args.n), flush=True)
+        if not args.finals:
+            return 0
+        report = s.run_finals()
+    print(report.message)
+    return int(report.exit_code)
+
+
+def cmd_session_finals(args: argparse.Namespace) -> int:
+    _interrupt_on_sigterm()
+    with _open_session(args) as s:
+        report = s.run_finals(args.seeds)
+    print(report.message)
+    return int(report.exit_code)
 
 
 def cmd_session_status(args: argparse.Namespace) -> int:

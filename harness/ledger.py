@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import UserError
-from harness.record import FINISHED, IN_PROGRESS, Status
+from harness.record import FINISHED, IN_PROGRESS, REFUNDABLE, Status
 from harness.runtime.procs import process_token
 
 HOME_ENV = "HARNESS_HOME"
@@ -148,6 +148,12 @@ MIGRATIONS: tuple[Migration, ...] = (
     )),
     Migration(4, "status rule_violation: a rule broken at run time, charged, never ranked",
               (), apply=_widen_status_check),
+    # A final run is an attempt row of the session, numbered after its tests, never charged:
+    # the submitted test's files re-run at seed k (the test itself being seed 0).
+    Migration(5, "final runs: re-runs of the submitted test at other seeds, outside the budget", (
+        "ALTER TABLE attempts ADD COLUMN final_of TEXT REFERENCES attempts(id)",
+        "ALTER TABLE attempts ADD COLUMN seed INTEGER CHECK (seed IS NULL OR seed >= 1)",
+    )),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -208,6 +214,18 @@ class AttemptRow:
     gpu_seconds: float | None
     attempt_dir: str | None
     result_sha256: str | None
+    final_of: str | None = None  # a final run: the id of the submitted test it re-runs
+    seed: int | None = None  # a final run's seed k (the submitted test is seed 0)
+
+    @property
+    def is_final(self) -> bool:
+        return self.final_of is not None
+
+    @property
+    def label(self) -> str:
+        """How the agent and the audit name it: "test #2", "final seed 1 (run #4)"."""
+        return f"final seed {self.seed} (run #{self.number})" if self.is_final \
+            else f"test #{self.number}"
 
     @property
     def in_progress(self) -> bool:
@@ -481,8 +499,17 @@ class Ledger:
     # -- attempts --
 
     def attempts(self, session_id: str) -> list[AttemptRow]:
+        """The session's tests, in order (its final runs: finals())."""
         rows = self.conn.execute(f"SELECT {_columns(AttemptRow)} FROM attempts WHERE "
-                                 "session_id = ? ORDER BY number", (session_id,)).fetchall()
+                                 "session_id = ? AND final_of IS NULL ORDER BY number",
+                                 (session_id,)).fetchall()
+        return [_attempt(r) for r in rows]
+
+    def finals(self, session_id: str) -> list[AttemptRow]:
+        """The session's final runs, every try of every seed, in order."""
+        rows = self.conn.execute(f"SELECT {_columns(AttemptRow)} FROM attempts WHERE "
+                                 "session_id = ? AND final_of IS NOT NULL ORDER BY number",
+                                 (session_id,)).fetchall()
         return [_attempt(r) for r in rows]
 
     def attempt(self, attempt_id: str) -> AttemptRow:
@@ -533,7 +560,8 @@ class Ledger:
     @staticmethod
     def _succeeded(c: sqlite3.Connection, session_id: str) -> list[int]:
         rows = c.execute("SELECT number FROM attempts WHERE session_id = ? AND status = ? "
-                         "ORDER BY number", (session_id, Status.SUCCEEDED.value)).fetchall()
+                         "AND final_of IS NULL ORDER BY number",
+                         (session_id, Status.SUCCEEDED.value)).fetchall()
         return [r[0] for r in rows]
 
     def succeeded_numbers(self, session_id: str) -> list[int]:
@@ -573,6 +601,38 @@ class Ledger:
                        owner.host, owner.pid, owner.token))
         return self.attempt(attempt_id)
 
+    def new_final(self, session_id: str, seed: int, owner: Owner,
+                  make_id: Callable[[int], str]) -> AttemptRow:
+        """The row of a final run at seed `seed` of the session's submitted test: numbered
+        after every test and run, never charged. Refused when the session has no submission,
+        or when that seed is in progress or has its outcome: succeeded, or failed by the
+        submission (run again until it succeeds, a seed would be picked, not drawn). Only a
+        seed stopped by a failure of ours (or cancelled) runs again."""
+        assert seed >= 1, seed
+        where = f"session {session_id}"
+        with self._write() as c:
+            sub = c.execute("SELECT attempt_id FROM submissions WHERE session_id = ?",
+                            (session_id,)).fetchone()
+            if sub is None:
+                raise UserError("the session has no final submission to re-run", where=where,
+                                fix="submit a succeeded test first: `harness session submit "
+                                    f"{session_id} N`")
+            taken = c.execute(
+                f"SELECT number, status FROM attempts WHERE session_id = ? AND seed = ? AND "
+                f"status NOT IN ({_sql_list(REFUNDABLE)})",
+                (session_id, seed)).fetchone()
+            if taken is not None:
+                raise UserError(f"final seed {seed} is already {taken[1]} (run #{taken[0]})",
+                                where=where, fix="nothing to do for this seed")
+            number = c.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM attempts WHERE "
+                               "session_id = ?", (session_id,)).fetchone()[0]
+            attempt_id = make_id(number)
+            c.execute("INSERT INTO attempts (id, session_id, number, status, created_at, host, "
+                      "pid, start_token, final_of, seed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                      (attempt_id, session_id, number, Status.PENDING.value, now_iso(),
+                       owner.host, owner.pid, owner.token, sub[0], seed))
+        return self.attempt(attempt_id)
+
     def set_status(self, attempt_id: str, status: Status, **columns: Any) -> None:
         """Move an attempt along pending -> checking -> running, with optional columns."""
         assert not status.finished, status
@@ -587,10 +647,11 @@ class Ledger:
     def charge(self, attempt_id: str) -> None:
         """Charge one test as its stage starts, if the budget allows."""
         with self._write() as c:
-            row = c.execute("SELECT session_id, number, status FROM attempts WHERE id = ?",
-                            (attempt_id,)).fetchone()
+            row = c.execute("SELECT session_id, number, status, final_of FROM attempts WHERE "
+                            "id = ?", (attempt_id,)).fetchone()
             if row is None or row["status"] not in IN_PROGRESS:
                 raise self._settled_elsewhere(c, attempt_id)
+            assert row["final_of"] is None, "a final run is outside the budget"
             sid = row["session_id"]
             budget = c.execute("SELECT budget FROM sessions WHERE id = ?", (sid,)).fetchone()[0]
             used = self._used(c, sid)
@@ -605,10 +666,14 @@ class Ledger:
         under a new owner and charged again, as a new test would be — its earlier refund
         returned what it was charged, so over its life it is charged once."""
         with self._write() as c:
-            row = c.execute("SELECT session_id, number, status FROM attempts WHERE id = ?",
-                            (attempt_id,)).fetchone()
+            row = c.execute("SELECT session_id, number, status, final_of FROM attempts WHERE "
+                            "id = ?", (attempt_id,)).fetchone()
             if row is None:
                 raise UserError(f"no attempt {attempt_id} in this ledger", where=str(self.path))
+            if row["final_of"] is not None:
+                raise UserError(f"run #{row['number']} is a final run, not a test",
+                                where=attempt_id, fix="`harness session finals SESSION` runs "
+                                "the seeds a final still lacks")
             if row["status"] != Status.FAILED_INFRA.value:
                 raise UserError(f"test #{row['number']} is {row['status']}; only a test stopped "
                                 f"by a failure of ours resumes", where=attempt_id)
@@ -677,13 +742,14 @@ class Ledger:
         with self._write() as c:
             self._require_open(c, session_id)
             row = c.execute(f"SELECT {_columns(AttemptRow)} FROM attempts WHERE session_id = ? "
-                            "AND number = ?", (session_id, number)).fetchone()
+                            "AND number = ? AND final_of IS NULL",
+                            (session_id, number)).fetchone()
             ok = self._succeeded(c, session_id)
             fix = (f"submit a succeeded test: {', '.join(f'n={n}' for n in ok)}" if ok
                    else "no test of this session has succeeded; there is nothing to submit")
             if row is None:
-                count = c.execute("SELECT COUNT(*) FROM attempts WHERE session_id = ?",
-                                  (session_id,)).fetchone()[0]
+                count = c.execute("SELECT COUNT(*) FROM attempts WHERE session_id = ? AND "
+                                  "final_of IS NULL", (session_id,)).fetchone()[0]
                 have = f"tests are numbered 1..{count}" if count else "no test has run yet"
                 raise UserError(f"there is no test #{number} ({have})", where=where, fix=fix)
             a = _attempt(row)
@@ -719,6 +785,16 @@ class Ledger:
             out.append((SessionRow(**s), AttemptRow(**a), metrics.get(a["id"], {})))
         return out
 
+    def final_runs(self) -> list[tuple[SessionRow, AttemptRow, dict[str, float]]]:
+        """Every finished final run of every session, with its metrics (inside snapshot())."""
+        out = []
+        for sid in [r[0] for r in self.conn.execute(
+                "SELECT DISTINCT session_id FROM attempts WHERE final_of IS NOT NULL")]:
+            session = self.session(sid)
+            out += [(session, a, self.results(a.id)) for a in self.finals(sid)
+                    if not a.in_progress]
+        return out
+
     def attempt_ids(self) -> set[str]:
         """The id of every attempt of every session."""
         return {r[0] for r in self.conn.execute("SELECT id FROM attempts")}
@@ -747,6 +823,8 @@ def _budget_problems(c: sqlite3.Connection) -> list[str]:
     out = [f"session {r[0]}: {r[2]} charged attempts on a budget of {r[1]}" for r in rows]
     out += [f"attempt {r[0]}: refunded but never charged" for r in
             c.execute("SELECT id FROM attempts WHERE refunded = 1 AND charged = 0")]
+    out += [f"attempt {r[0]}: a final run, but charged to the budget" for r in
+            c.execute("SELECT id FROM attempts WHERE final_of IS NOT NULL AND charged = 1")]
     return out
 
 
@@ -760,6 +838,15 @@ def _submission_problems(c: sqlite3.Connection) -> list[str]:
             out.append(f"session {sid}: submission points at attempt {aid} of session {owner}")
         elif owner is not None and status != Status.SUCCEEDED.value:
             out.append(f"session {sid}: submitted attempt {aid} is {status}, not succeeded")
+    out += [f"attempt {r[0]}: a final run of {r[1]}, which is not its session's submission"
+            for r in c.execute("SELECT a.id, a.final_of FROM attempts a LEFT JOIN submissions s "
+                               "ON s.session_id = a.session_id WHERE a.final_of IS NOT NULL "
+                               "AND (s.attempt_id IS NULL OR s.attempt_id != a.final_of)")]
+    out += [f"session {r[0]}: final seed {r[1]} has {r[2]} outcomes (only a failure of ours "
+            "is run again)" for r in c.execute(
+                "SELECT session_id, seed, COUNT(*) FROM attempts WHERE final_of IS NOT NULL AND "
+                f"status NOT IN ({_sql_list(REFUNDABLE)}) GROUP BY session_id, seed "
+                "HAVING COUNT(*) > 1")]
     return out
 
 

@@ -35,7 +35,8 @@ from harness.attempt import (
     run_attempt,
     stages_of,
 )
-from harness.errors import CheckFailed, UserError
+from harness.errors import EXIT_INFRA, CheckFailed, UserError
+from harness.leaderboard.stats import seeds_line
 from harness.ledger import (
     MODES,
     AttemptRow,
@@ -54,8 +55,9 @@ from harness.runtime.fileio import atomic_write_text, sha256_bytes
 from harness.runtime.layout import text_to_lines
 from harness.runtime.preflight import PreflightReport
 from harness.stages import pretrain
-from harness.task import DEFAULT_TASK, TaskSpec, load_task
+from harness.task import DEFAULT_TASK, MAX_SEEDS, ScaleSpec, TaskSpec, load_task
 
+SUCCEEDED = Status.SUCCEEDED.value
 SUBMIT_HINT = "call submit(n=N) to choose which test result to submit as final"
 LAST_TEST_NOTE = ("[NOTE] This was your last test. You MUST now call submit(n=X) to choose which "
                   "test result to submit as your final answer.")
@@ -415,8 +417,122 @@ class Session:
         order = {m.name: i for i, m in enumerate(self.task.metrics)}
         shown = ", ".join(f"{k}_{self.row.scale}={v:.4f}"
                           for k, v in sorted(metrics.items(), key=lambda kv: order.get(kv[0], 99)))
+        seeds = self.task.finals_at(self.task.scale(self.row.scale))
+        more = (f" Its exact files are scored at {seeds - 1} more seed(s), outside your budget "
+                f"(`harness session finals {self.id}`)." if seeds > 1 else "")
         return (f"Submitted test #{a.number} as your final answer ({shown}). The session is "
-                "closed: no more edits or tests.")
+                f"closed: no more edits or tests.{more}")
+
+    # -- finals: the submission at its other seeds --
+
+    def run_finals(self, seeds: int | None = None) -> FinalsReport:
+        """Score the final submission over `seeds` seeds (default: the task's final_seeds at
+        this scale): the submitted test is seed 0; its exact files are run again at seeds
+        1..seeds-1 of the scale, each its own attempt, outside the budget, recorded in the
+        ledger as final runs. A seed that already succeeded is not run again; one that did
+        not is. UserError, before anything runs, when there is no submission or its files
+        are no longer those the test ran."""
+        sub = self.ledger.submission(self.id)
+        if sub is None:
+            raise UserError("the session has no final submission to re-run",
+                            where=f"session {self.id}",
+                            fix=f"submit a succeeded test first: `harness session submit "
+                                f"{self.id} N`")
+        scale = self.task.scale(self.row.scale)
+        total = self.task.finals_at(scale) if seeds is None else seeds
+        if not 1 <= total <= MAX_SEEDS:
+            raise UserError(f"{total} seeds: a final runs at 1 to {MAX_SEEDS} seeds (the "
+                            "submitted test is the first)", where=f"session {self.id}")
+        # A seed with its outcome is never run again; one stopped by a failure of ours is.
+        done = {a.seed for a in self.ledger.finals(self.id)
+                if not (a.state.finished and a.state.refundable)}
+        todo = [k for k in range(1, total) if k not in done]
+        if todo:
+            prepared = self._final_files(sub)
+            runner = self.runner or configured_runner()
+            for k in todo:
+                print(f"[finals] seed {k} of {total - 1} more (test #{sub.number})", flush=True)
+                self._run_final(sub, k, prepared, scale.seed_run(k), runner)
+        return self.finals_report(total)
+
+    def _final_files(self, sub: AttemptRow) -> Prepared:
+        """The submitted test's snapshot, prepared (static checks again) and proved to be the
+        very files the test ran, on the template the session started with."""
+        where = str(self.ledger.sessions_dir / self.id / "tests" / str(sub.number))
+        template = sha256_bytes(self.task.template_text().encode())
+        if template != self.row.template_sha256:
+            raise UserError(f"the task's template changed since the session started (now "
+                            f"{template[:12]}, then {self.row.template_sha256[:12]}): a "
+                            "final must run on the template its test ran on", where=where,
+                            fix="run the finals with the harness version the session used")
+        prepared = prepare(Path(where), self.task)
+        spliced = sha256_bytes(prepared.spliced.encode())
+        if spliced != sub.spliced_sha256:
+            raise UserError(f"the submitted test's files changed since it ran (spliced script "
+                            f"now {spliced[:12]}, tested {str(sub.spliced_sha256)[:12]}): no "
+                            "final seed was run", where=where,
+                            fix="restore the session folder from its backup; `harness audit "
+                                f"{self.id}` shows what else changed")
+        return prepared
+
+    def _run_final(self, sub: AttemptRow, k: int, prepared: Prepared, scale: ScaleSpec,
+                   runner: Runner) -> AttemptRow:
+        digest = sha256_bytes(prepared.spliced.encode())
+        name = f"{test_name(self.id, sub.number)}-seed{k}"
+        row = self.ledger.new_final(self.id, k, current_owner(),
+                                    lambda _n: new_attempt_id(name, digest))
+        state = _Progress(row.id)
+        try:
+            state.attempt = attempt = Attempt.create(self.ledger.runs_dir, row.id)
+            self.ledger.set_status(
+                row.id, Status.RUNNING, started_at=now_iso(), runner=runner.name,
+                attempt_dir=str(attempt.root), spliced_sha256=digest,
+                region_diff=prepared.diff, check_report=sub.check_report)
+            checks = json.loads(sub.check_report or "{}").get("preflight")
+            record = run_attempt(
+                prepared, self.task, scale, attempt=attempt,
+                origin=Origin("final", session_id=self.id, number=sub.number),
+                data=self.data_dir, runner=runner,
+                checks=PreflightReport.from_dict(checks) if checks else None)
+            settled = self.ledger.finish(row.id, Settlement(
+                status=record.status, reason=record.reason, metrics=record.metrics,
+                attempt_dir=str(attempt.root), result_sha256=attempt.record_sha256(),
+                gpu_seconds=_gpu_seconds(record, scale.device, scale.nproc_per_node)))
+            state.settled = True
+            return settled
+        except BaseException as e:
+            self._settle_crash(state, e)
+            raise
+
+    def finals_report(self, total: int | None = None) -> FinalsReport:
+        """Each seed of the final, the submitted test first, and the mean over them."""
+        sub = self.ledger.submission(self.id)
+        if sub is None:
+            return FinalsReport("No final submission yet.", [])
+        scale = self.task.scale(self.row.scale)
+        total = self.task.finals_at(scale) if total is None else total
+        runs = self.ledger.finals(self.id)
+        primary = self.task.primary_metric
+        lines = [f"Final of session {self.id}: test #{sub.number} over {total} seed(s), "
+                 "the test itself first"]
+        values: list[float] = []
+        statuses: list[Status | None] = []
+        for k in range(total):
+            tries = [sub] if k == 0 else [a for a in runs if a.seed == k]
+            last = next((a for a in tries if not a.state.refundable), tries[-1] if tries else None)
+            if last is None:
+                lines.append(f"  seed {k}: not run")
+                statuses.append(None)
+                continue
+            statuses.append(last.state)
+            value = self.ledger.results(last.id).get(primary)
+            if last.status == SUCCEEDED and value is not None:
+                values.append(value)
+            shown = f"{primary}={value:.4f}" if value is not None else (last.reason or "")
+            lines.append(f"  seed {k}: {last.status:<17} {shown}  ({last.id}"
+                         f"{f', {len(tries)} tries' if len(tries) > 1 else ''})")
+        lines.append(seeds_line(primary, values, total))
+        return FinalsReport("\n".join(lines), statuses)
 
     def _require_open(self) -> None:
         sub = self.ledger.submission(self.id)
@@ -431,13 +547,16 @@ class Session:
             used = self.ledger.used(self.id)
             tests = [{**_attempt_summary(a), "metrics": self.ledger.results(a.id)}
                      for a in attempts]
+            finals = [{**_attempt_summary(a), "seed": a.seed,
+                       "metrics": self.ledger.results(a.id)}
+                      for a in self.ledger.finals(self.id)]
         for t, a in zip(tests, attempts, strict=True):
             now = attempt_progress(a.attempt_dir) if a.in_progress and a.attempt_dir else None
             t["progress"] = None if now is None else \
                 {**asdict(now), "eta_s": now.eta_s, "line": now.line()}
         return {"session": asdict(self.row), "used": used,
                 "remaining": self.row.budget - used, "tests": tests,
-                "submitted": sub.number if sub else None,
+                "submitted": sub.number if sub else None, "finals": finals,
                 "editable": self._edits.ranges_text(), "undo_depth": self._edits.undo_depth()}
 
     def status(self) -> str:
@@ -452,9 +571,29 @@ class Session:
                 lines.append(f"      {t['progress']['line']}")
         lines.append(f"Submitted: test #{d['submitted']}" if d["submitted"] is not None
                      else f"Submitted: nothing yet ({SUBMIT_HINT})")
+        for f in d["finals"]:  # outside the budget: the submission at its other seeds
+            metrics = ", ".join(f"{k}_{r.scale}={v:.4f}" for k, v in f["metrics"].items())
+            lines.append(f"  final seed {f['seed']} (run #{f['number']}) {f['status']:<17} "
+                         f"{metrics or f['reason'] or ''}")
         lines.append(f"[{self.filename} | editable: {d['editable']} | "
                      f"{d['undo_depth']} edit(s) can be undone]")
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class FinalsReport:
+    message: str
+    statuses: list[Status | None]  # by seed, the submitted test first; None: not run yet
+
+    @property
+    def complete(self) -> bool:
+        return all(st == Status.SUCCEEDED for st in self.statuses)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every seed succeeded; a seed not run counts as ours (run finals again)."""
+        return max((EXIT_INFRA if st is None else st.exit_code for st in self.statuses),
+                   default=0)
 
 
 @dataclass

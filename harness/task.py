@@ -88,6 +88,9 @@ class ScaleSpec:
     # No progress (the template's progress file unchanged) for this long: the stage is
     # stopped as a failure of ours and resumed. 0: no stall watchdog.
     stall_timeout_s: int = 0
+    # Seeds a session's final submission is run at (the test itself is the first); None:
+    # the task's `final_seeds`.
+    final_seeds: int | None = None
 
     def cli_args(self) -> list[str]:
         """The scale's config as the template's --name=value arguments."""
@@ -128,6 +131,13 @@ class TaskSpec:
     # folder), and the frozen script that scores it in the lm-eval stage.
     checkpoint: str = "pretrain/ckpt.pt"
     eval_script: str = "eval_lm.py"
+    # Seeds of a session's final (the submitted test, then re-runs at its seeds + 1, + 2...),
+    # unless the scale sets its own.
+    final_seeds: int = 1
+
+    def finals_at(self, scale: ScaleSpec) -> int:
+        """How many seeds a final submission at `scale` is scored over."""
+        return self.final_seeds if scale.final_seeds is None else scale.final_seeds
 
     @property
     def template_path(self) -> Path:
@@ -207,7 +217,7 @@ def _parse_scale(path: Path, data: dict[str, Any]) -> ScaleSpec:
     top.reject_unknown({"scale", "config"})
     s = _Reader(top.get("scale", dict), f"{path} [scale]")
     s.reject_unknown({"name", "description", "device", "nproc_per_node", "dataset", "stages",
-                      "timeout_s", "stall_timeout_s"})
+                      "timeout_s", "stall_timeout_s", "final_seeds"})
     name = s.get("name", str)
     if name != path.stem:
         raise UserError(f"scale name {name!r} differs from the file name {path.stem!r}",
@@ -225,7 +235,18 @@ def _parse_scale(path: Path, data: dict[str, Any]) -> ScaleSpec:
         nproc_per_node=s.get("nproc_per_node", int), dataset=s.get("dataset", str),
         stages=tuple(s.get("stages", list)), timeout_s=s.get("timeout_s", int),
         config=dict(config), path=path, stall_timeout_s=s.get("stall_timeout_s", int, 0),
+        final_seeds=_seed_count(s, None),
     )
+
+
+def _seed_count(r: _Reader, default: int | None) -> int | None:
+    """`final_seeds` of a table: 1..MAX_SEEDS, each seed being a whole attempt."""
+    n: int | None = r.get("final_seeds", int, default)
+    if n is not None and not 1 <= n <= MAX_SEEDS:
+        raise UserError(f"final_seeds = {n}: a final runs at 1 to {MAX_SEEDS} seeds",
+                        where=r.where, fix="set final_seeds to 1 (the submitted test alone) "
+                                           f"up to {MAX_SEEDS}")
+    return n
 
 
 def resolve_task_dir(task: str | Path) -> Path:
@@ -250,7 +271,7 @@ def load_task(task: str | Path = DEFAULT_TASK) -> TaskSpec:
     t = _Reader(top.get("task", dict), f"{where} [task]")
     t.reject_unknown({"name", "version", "title", "template", "frozen_files", "read_only_context",
                       "primary_metric", "test_budget", "stages", "default_scale", "checkpoint",
-                      "eval_script"})
+                      "eval_script", "final_seeds"})
 
     regions = []
     for i, raw in enumerate(top.get("regions", list)):
@@ -312,4 +333,5 @@ def load_task(task: str | Path = DEFAULT_TASK) -> TaskSpec:
         regions=tuple(regions), interface=tuple(interface), overrides=tuple(overrides),
         metrics=tuple(metrics), checkpoint=t.get("checkpoint", str, "pretrain/ckpt.pt"),
         eval_script=t.get("eval_script", str, "eval_lm.py"),
+        final_seeds=_seed_count(t, 1) or 1,
     )

@@ -27,6 +27,15 @@ class FakeRunner:
     val_loss: float = 4.25
     sleep_s: float = 0.0
     name: str = "fake"
+    # val_loss moves by this much per seed above the scale's 42 (--init_seed), so that seeds
+    # differ; and lm-eval's standard error of every metric, when set.
+    per_seed: float = 0.0
+    stderr: float | None = None
+
+    def _val_loss(self, spec: StageSpec) -> float:
+        seed = next((int(a.split("=", 1)[1]) for a in spec.argv
+                     if a.startswith("--init_seed=")), 42)
+        return self.val_loss + self.per_seed * (seed - 42)
 
     def run(self, spec: StageSpec) -> StageRun:
         out = spec.log_dir
@@ -50,7 +59,7 @@ class FakeRunner:
             (out / "error_rank0.json").write_text(json.dumps(
                 {"kind": "exception", "message": "Traceback ...\nRuntimeError: boom at step 5\n"}))
             return StageRun(1, True, False, 0.01, stdout, stderr)
-        (out / "final.json").write_text(json.dumps({"val_loss": self.val_loss,
+        (out / "final.json").write_text(json.dumps({"val_loss": self._val_loss(spec),
                                                     "rank_param_checksums": [7.0, 7.0]}))
         return StageRun(0, True, False, 0.01, stdout, stderr)
 
@@ -60,10 +69,14 @@ class FakeRunner:
         # Exactly the metrics the stage asked for (--metric NAME=TASK/METRIC), as the script.
         metrics = {a.removeprefix("--metric=").partition("=")[0]: 50.0
                    for a in spec.argv if a.startswith("--metric=")}
+        detail = {k: {"stderr": self.stderr} for k in metrics} if self.stderr else {}
         if any(a.startswith("--data-dir=") for a in spec.argv):
-            metrics["val_loss"] = self.val_loss
+            # The checkpoint's own loss: what training recorded in this attempt.
+            trained = spec.cwd / "pretrain" / "final.json"
+            metrics["val_loss"] = json.loads(trained.read_text())["val_loss"] \
+                if trained.is_file() else self.val_loss
         (spec.log_dir / lmeval.EVAL_FILE).write_text(json.dumps(
-            {"format": lmeval.FORMAT, "metrics": metrics}))
+            {"format": lmeval.FORMAT, "metrics": metrics, "detail": detail}))
         stdout.write_text(f"fake stage {spec.name}\n")
         stderr.write_text("")
         return StageRun(0, True, False, 0.01, stdout, stderr)

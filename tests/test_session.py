@@ -244,8 +244,8 @@ def test_tampering_is_detected(session: Session, home: Path) -> None:
     (root / "submission.diff").unlink()
     proc = cli("audit", f"{session.id}:1", home=home)
     assert proc.returncode == 2
-    assert re.search(r"TAMPERED #1 .*: pretrain/metrics.jsonl changed \(recorded [0-9a-f]{12}, "
-                     r"now [0-9a-f]{12}\)", proc.stdout)
+    assert re.search(r"TAMPERED test #1 .*: pretrain/metrics.jsonl changed "
+                     r"\(recorded [0-9a-f]{12}, now [0-9a-f]{12}\)", proc.stdout)
     assert "submission.diff vanished" in proc.stdout
     (root / "result.json").write_text("{}")
     assert any("result.json changed" in p for p in audit(session.ledger, a.id).entries[0].problems)
@@ -712,4 +712,5 @@ def test_a_scripted_agent_session_at_smoke_scale(home: Path, smoke_data: Path) -
         f.write(b"\n")
     tampered = cli("audit", sid, home=home)
     assert tampered.returncode == 2
-    assert "TAMPERED #3" in tampered.stdout and "pretrain/metrics.jsonl changed" in tampered.stdout
+    assert "TAMPERED test #3" in tampered.stdout
+    assert "pretrain/metrics.jsonl changed" in tampered.stdout

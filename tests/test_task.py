@@ -67,3 +67,25 @@ def test_seed_k_of_several_moves_every_seed_by_k(task: TaskSpec) -> None:
     assert "--init_seed=44" in third.cli_args() and "--data_seed=44" in third.cli_args()
     assert smoke.seed_run(0).config == smoke.config
     assert smoke.with_seeds({"data": 7}).seeds() == {"init": 42, "data": 7}
+
+
+def test_final_seeds_come_from_the_task_unless_the_scale_sets_its_own(task: TaskSpec) -> None:
+    assert task.final_seeds == 3
+    assert {n: task.finals_at(task.scale(n)) for n in task.scale_names()} == \
+        {"gpt-124m": 3, "gpt-345m": 3, "smoke": 1}
+
+
+@pytest.mark.parametrize("where, value", [("task.toml", 0), ("task.toml", 21),
+                                          ("scales/smoke.toml", -2), ("scales/smoke.toml", 99)])
+def test_a_final_seed_count_out_of_range_is_refused(tmp_path: Path, where: str,
+                                                    value: int) -> None:
+    root = tmp_path / "task"
+    shutil.copytree(TEMPLATE.parent, root)
+    path = root / where
+    line = "final_seeds = 3" if where == "task.toml" else "final_seeds = 1"
+    assert line in path.read_text()
+    path.write_text(path.read_text().replace(line, f"final_seeds = {value}"))
+    with pytest.raises(UserError) as e:
+        load_task(root).scale("smoke")
+    assert f"final_seeds = {value}: a final runs at 1 to 20 seeds" in str(e.value)
+    assert str(path) in str(e.value)

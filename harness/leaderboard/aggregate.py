@@ -159,6 +159,12 @@ def _stats_frame(entries: Sequence[Entry], attempts: pd.DataFrame, rows: pd.Data
              .merge(rows[[*TABLE_KEY, "baseline"]], left_on="row", right_index=True)
              .merge(_declared(specs), on=["task", "metric"]))
     stats["ci95"] = ci_halfwidths(stats["std"], stats["n"])
+    stderr = pd.DataFrame.from_records(
+        [(row, k, v) for i, row in ok.itertuples(index=False)
+         for k, v in entries[i].stderr.items() if k in entries[i].metrics],
+        columns=["row", "metric", "lm_eval_stderr"])
+    stats = stats.merge(stderr.groupby(["row", "metric"])["lm_eval_stderr"].mean().reset_index(),
+                        on=["row", "metric"], how="left")
     # Best first whatever the direction: rank the score, the mean turned into a loss.
     stats["score"] = stats["mean"].where(stats["direction"] == "min", -stats["mean"])
     primary = stats["primary"]
@@ -231,14 +237,14 @@ def _num(value: Any) -> float | None:
 
 def _cells(stats: pd.DataFrame) -> dict[int, dict[str, Cell]]:
     out: dict[int, dict[str, Cell]] = {}
-    for row, metric, mean, std, n, delta, improved, ci in stats[
-            ["row", "metric", "mean", "std", "n", "delta", "improved", "ci95"]].itertuples(
-                index=False):
+    for row, metric, mean, std, n, delta, improved, ci, stderr in stats[
+            ["row", "metric", "mean", "std", "n", "delta", "improved", "ci95",
+             "lm_eval_stderr"]].itertuples(index=False):
         d = _num(delta)
         out.setdefault(int(row), {})[metric] = Cell(
             mean=_num(mean), std=_num(std) if n > 1 else None, n=int(n), delta=d,
             improved=None if d is None else bool(improved),
-            ci95=_num(ci) if n > 1 else None)
+            ci95=_num(ci) if n > 1 else None, lm_eval_stderr=_num(stderr))
     return out
 
 

@@ -57,6 +57,9 @@ class Entry:
     # Each stage's recorded curve (its rows, by stage name): the task's metric table says
     # which stage's rows hold the primary metric's curve (MetricSpec.stage).
     curves: dict[str, tuple[Any, ...]] = field(default_factory=dict, hash=False)
+    # lm-eval's own standard error of each metric it scored (the eval set's sampling error
+    # of this one run), by metric name.
+    stderr: dict[str, float] = field(default_factory=dict, hash=False)
 
     @property
     def variant(self) -> str:
@@ -140,6 +143,9 @@ class Cell:
     improved: bool | None  # better than the best baseline, in the metric's direction
     # Half-width of the 95% Student-t interval of the mean (stats.py); None for one seed.
     ci95: float | None = None
+    # lm-eval's standard error of one run's value (the eval set's sampling error), averaged
+    # over the seeds; None for what lm-eval gives none (val_loss, and metrics without one).
+    lm_eval_stderr: float | None = None
 
 
 EMPTY_CELL = Cell(mean=None, std=None, n=0, delta=None, improved=None)

@@ -133,7 +133,19 @@ def entry_of(record: AttemptRecord, path: Path, digest: str, *, source: str = "r
         stage_seconds={k: s.wall_s for k, s in stages.items() if math.isfinite(s.wall_s)},
         hashes=_hashes(record, digest), preflight=dict(record.preflight),
         curves={k: tuple(c) for k, s in stages.items()
-                if isinstance(c := s.details.get("curve"), list)})
+                if isinstance(c := s.details.get("curve"), list)},
+        stderr=lm_eval_stderrs(stages))
+
+
+def lm_eval_stderrs(stages: Mapping[str, StageRecord]) -> dict[str, float]:
+    """lm-eval's standard error of each metric, from the eval stage's `detail` (eval.json)."""
+    out = {}
+    for stage in stages.values():
+        for name, d in _table(stage.details, "detail").items():
+            value = _finite(d.get("stderr")) if isinstance(d, Mapping) else None
+            if value is not None:
+                out[str(name)] = value
+    return out
 
 
 # --- runs dirs -----------------------------------------------------------------------------
@@ -216,7 +228,7 @@ def _ledger_entry(s: SessionRow, a: AttemptRow, metrics: dict[str, float], home:
                    hashes={**parsed.hashes, "ledger's result.json": a.result_sha256 or ""},
                    # The ledger's copy of the pre-flight only when result.json lacks one.
                    preflight=parsed.preflight or _ledger_preflight(a.check_report),
-                   curves=parsed.curves)
+                   curves=parsed.curves, stderr=parsed.stderr)
 
 
 def _ledger_preflight(check_report: str | None) -> dict[str, Any]:
@@ -235,13 +247,48 @@ def collect_ledger(ledger: Ledger, out: Collected) -> set[str]:
     with ledger.snapshot():  # one consistent view even while sessions are running
         ids = ledger.attempt_ids()
         finals = ledger.final_submissions()
+        seeds = ledger.final_runs()
         sessions = len(ledger.sessions())
         running = [(a, ledger.session(a.session_id)) for a in ledger.in_progress()]
     out.live += [running_of_test(s, a) for a, s in running if a.attempt_dir]
     if sessions > len(finals):
         out.skipped[SKIP_NO_SUBMISSION] += sessions - len(finals)
     out.records += [_ledger_entry(s, a, metrics, ledger.home) for s, a, metrics in finals]
+    # A submission's other seeds: more runs of the same row (the key is the session's).
+    submitted = {a.id: a for _, a, _ in finals}
+    out.records += [_final_seed_entry(s, a, metrics, ledger.home, submitted.get(a.final_of or ""))
+                    for s, a, metrics in _last_tries(seeds)]
     return ids
+
+
+def _last_tries(runs: list[tuple[SessionRow, AttemptRow, dict[str, float]]]
+                ) -> list[tuple[SessionRow, AttemptRow, dict[str, float]]]:
+    """One run per seed of a final: the one with an outcome (succeeded, or failed by the
+    submission: the ledger allows one), else its latest try, stopped by a failure of ours (a
+    seed run again after one is one seed, not a failure and a success)."""
+    best: dict[tuple[str, int | None], tuple[SessionRow, AttemptRow, dict[str, float]]] = {}
+    for run in runs:  # in run number order
+        key = (run[1].session_id, run[1].seed)
+        if key not in best or best[key][1].state.refundable:
+            best[key] = run
+    return list(best.values())
+
+
+def _final_seed_entry(s: SessionRow, a: AttemptRow, metrics: dict[str, float], home: Path,
+                      submitted: AttemptRow | None) -> Entry:
+    """A final run at another seed; INVALID unless it ran the submitted test's very files."""
+    entry = _ledger_entry(s, a, metrics, home)
+    if entry.status == INVALID:
+        return entry
+    if submitted is None:
+        return _invalid(entry, f"{a.label} re-runs {a.final_of}, which is not the session's "
+                               "submission")
+    ran = entry.hashes.get("spliced", a.spliced_sha256 or "")
+    if ran != submitted.spliced_sha256:
+        return _invalid(entry, f"{a.label} ran other files than the submitted test "
+                               f"#{submitted.number} (spliced {ran[:12]}, submitted "
+                               f"{str(submitted.spliced_sha256)[:12]})")
+    return entry
 
 
 # --- both ----------------------------------------------------------------------------------

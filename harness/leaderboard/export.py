@@ -34,7 +34,8 @@ def arrow(direction: str) -> str:
 
 def _export_rows(board: Board) -> list[dict[str, Any]]:
     """Flat rows: identity, rank (with `tied` and the primary metric's `p_best`), status, and
-    per metric its MLS key (mean), `_std`, `_ci95`, `_n` and `_delta` columns."""
+    per metric its MLS key (mean), `_std`, `_ci95`, `_n`, `_delta` and `_lm_eval_stderr`
+    (lm-eval's own standard error of one run, averaged over the seeds) columns."""
     out = []
     for t in board.tables:
         for r in t.rows:
@@ -48,7 +49,8 @@ def _export_rows(board: Board) -> list[dict[str, Any]]:
                 c = r.cells[m.name]
                 row.update({m.mls_key: c.mean, f"{m.mls_key}_std": c.std,
                             f"{m.mls_key}_ci95": c.ci95, f"{m.mls_key}_n": c.n,
-                            f"{m.mls_key}_delta": c.delta})
+                            f"{m.mls_key}_delta": c.delta,
+                            f"{m.mls_key}_lm_eval_stderr": c.lm_eval_stderr})
             row["attempts"] = [a.attempt_id for a in r.attempts]
             row["results"] = [a.result_path for a in r.attempts]
             out.append(row)
@@ -84,8 +86,9 @@ def export_markdown(board: Board) -> str:
         out += [f"## {t.task} {t.task_version} · scale `{t.scale}`", "",
                 f"Scale {t.scale}: {t.scale_description}. Ranked by {t.metrics[0].label} "
                 f"{arrow(t.metrics[0].direction)}; mean ± the 95% confidence interval "
-                f"(Student t) over n seeds; ranks marked = are tied (Welch's t-test, p ≥ "
-                f"{ALPHA}); Δ against the best baseline ({t.best_baseline or 'none'}).", ""]
+                f"(Student t) over n seeds; [se …]: lm-eval's standard error of one run; "
+                f"ranks marked = are tied (Welch's t-test, p ≥ {ALPHA}); Δ against the best "
+                f"baseline ({t.best_baseline or 'none'}).", ""]
         head = ["Rank", "Model", "Type", "n", "Status",
                 *(f"{m.label} {arrow(m.direction)} (`{m.mls_key}`)" for m in t.metrics)]
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -96,6 +99,8 @@ def export_markdown(board: Board) -> str:
                 text = fmt_value(c.mean)
                 if c.ci95 is not None:
                     text += f" ± {fmt_value(c.ci95)}"
+                if c.lm_eval_stderr is not None:
+                    text += f" [se {fmt_value(c.lm_eval_stderr)}]"
                 if c.delta is not None and not r.baseline:
                     text += f" (Δ {fmt_delta(c.delta)})"
                 cells.append(text)

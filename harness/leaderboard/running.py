@@ -75,5 +75,5 @@ def running_of_test(session: SessionRow, row: AttemptRow) -> RunningAttempt:
     """A session's test in progress, from the ledger's row (its folder may hold no record
     yet while the pre-flight runs)."""
     return running_of(Path(row.attempt_dir or ""), attempt_id=row.id,
-                      name=f"{session.id} test #{row.number}", task=session.task,
+                      name=f"{session.id} {row.label}", task=session.task,
                       scale=session.scale, status=row.status, started_at=row.started_at or "")

@@ -36,6 +36,22 @@ def ci_halfwidths(std: Any, n: Any, confidence: float = CONFIDENCE) -> Any:
         return np.where(n >= 2, t * std / np.sqrt(n), np.nan)
 
 
+def seeds_line(name: str, values: Sequence[float], runs: int) -> str:
+    """One line over the seeds of one submission: the mean ± the 95% interval of `values`
+    (the succeeded seeds' metric), saying how many of `runs` seeds did not succeed."""
+    import statistics
+
+    failed = runs - len(values)
+    tail = f"; {failed} of {runs} seeds did not succeed" if failed else ""
+    if not values:
+        return f"{name}: no seed succeeded{tail}"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{name}: {mean:.4f} (1 seed){tail}"
+    (half,) = ci_halfwidths([statistics.stdev(values)], [len(values)])
+    return f"{name}: {mean:.4f} ± {half:.4f} (95% CI, {len(values)} seeds){tail}"
+
+
 def welch_p(a: Sequence[float], b: Sequence[float]) -> float | None:
     """Two-sided p-value of Welch's t-test of two samples; None when it is undefined (a
     sample under two values, or two equal samples without spread)."""
