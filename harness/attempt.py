@@ -23,6 +23,7 @@ from harness import __version__
 from harness.checks.static import RegionText, check_spliced
 from harness.errors import CheckFailed, InfraError, UserError
 from harness.record import (
+    SCRATCH,
     Attempt,
     AttemptRecord,
     Origin,
@@ -153,12 +154,35 @@ def runtime(spec: StageSpec, attempt: Attempt, scale: ScaleSpec, *,
     mounts = (Mount(spec.log_dir, str(spec.log_dir), writable=True),
               Mount(attempt.root, str(attempt.root)),
               *(Mount(p, str(p)) for p in dict.fromkeys(reads)))
+    procs = scale.nproc_per_node if gpus is None else gpus
+    spec = replace(spec, env={**spec.env, **scratch_env(spec.log_dir)})
     if scale.device != "cuda":
         gpus = 0
     elif gpus is None:
         gpus = scale.nproc_per_node
-    return replace(spec, mounts=mounts, gpus=gpus, cancel_file=attempt.cancel_file,
+    return replace(spec, mounts=mounts, gpus=gpus, procs=procs, cancel_file=attempt.cancel_file,
                    job_name=f"harness-{attempt.id}-{spec.name}")
+
+
+def scratch_env(stage_dir: Path) -> dict[str, str]:
+    """Caches and temp files of one stage of one attempt, in its own writable folder: no
+    attempt loads code another compiled (inductor, triton) or reads its temp files, and two
+    at once never collide. Removed when the stage ends (remove_scratch), never hashed."""
+    root = stage_dir / SCRATCH
+    dirs = {"TORCHINDUCTOR_CACHE_DIR": root / "inductor", "TRITON_CACHE_DIR": root / "triton",
+            "TMPDIR": root / "tmp"}
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True)
+    return {k: str(v) for k, v in dirs.items()}
+
+
+def remove_scratch(stage_dir: Path) -> None:
+    # A link planted in its place is removed, never followed (rmtree refuses a link root).
+    target = stage_dir / SCRATCH
+    if target.is_symlink():
+        target.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(target, ignore_errors=True)
 
 
 def _write_inputs(attempt: Attempt, prepared: Prepared, task: TaskSpec,
@@ -294,7 +318,10 @@ def _run_stage(stage: Stage, ctx: StageContext, runner: Runner, record: AttemptR
     retries += len(segments)
     while True:
         started = now_iso()
-        run = runner.run(spec)
+        try:
+            run = runner.run(spec)
+        finally:
+            remove_scratch(spec.log_dir)
         got = stage.collect(ctx, run, spec.log_dir)
         segments.append(segment(run, got, started))
         record.stages[stage.name] = stage_record(spec, run, got, segments)
@@ -324,6 +351,7 @@ def segment(run: StageRun, got: StageOutcome, started: str) -> dict[str, Any]:
     return {"started_at": started, "ended_at": now_iso(),
             "host": str(run.info.get("node") or socket.gethostname()),
             "outcome": got.status.value, "reason": got.reason, "wall_s": round(run.wall_s, 3),
+            **({"lease": run.info["lease"]} if "lease" in run.info else {}),
             **got.details.get("segment", {})}
 
 

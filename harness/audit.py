@@ -327,10 +327,12 @@ class Recovered:
     action: str  # "settled" | "alive" | "elsewhere"
     killed: tuple[int, ...] = ()
     status: Status = Status.FAILED_INFRA  # how it was settled
+    # What its runner left behind, stopped: Slurm job ids, docker container names.
+    stopped: tuple[str, ...] = ()
 
     def render(self) -> str:
         a = self.attempt
-        who = f"test #{a.number} of {a.session_id} ({a.id}), {a.status}, pid {a.pid} on {a.host}"
+        who = f"{a.label} of {a.session_id} ({a.id}), {a.status}, pid {a.pid} on {a.host}"
         if self.action == "alive":
             return f"left alone: {who}: its process is alive"
         if self.action == "elsewhere":
@@ -340,7 +342,8 @@ class Recovered:
             else ""
         killed = (f"; killed {len(self.killed)} orphaned stage process(es)"
                   if self.killed else "")
-        return f"settled: {who}: {self.status}{kept}{refund}{killed}"
+        stopped = f"; stopped {', '.join(self.stopped)}" if self.stopped else ""
+        return f"settled: {who}: {self.status}{kept}{refund}{killed}{stopped}"
 
 
 def attempt_folder(ledger: Ledger, a: AttemptRow) -> Attempt | None:
@@ -382,6 +385,7 @@ def recover(ledger: Ledger) -> list[Recovered]:
             continue
         attempt = attempt_folder(ledger, a)
         killed = kill_processes_in(attempt.root, KILL_WAIT_S) if attempt else ()
+        stopped = stop_leftovers(a)
         reason = (f"the harness process (pid {a.pid} on {a.host}) ended while the attempt was "
                   f"{a.status}; settled by `harness recover`")
         settlement = _settlement(attempt, reason)
@@ -389,5 +393,22 @@ def recover(ledger: Ledger) -> list[Recovered]:
             ledger.finish(a.id, settlement)
         except UserError:
             continue  # another recover settled it first
-        out.append(Recovered(a, "settled", killed, settlement.status))
+        out.append(Recovered(a, "settled", killed, settlement.status, stopped))
     return out
+
+
+def stop_leftovers(a: AttemptRow) -> tuple[str, ...]:
+    """What the dead harness's runner left running outside this host's process table: its
+    Slurm jobs (scancel) or docker containers (removed), found by the names the runner gave
+    them (`harness-<attempt id>-<stage>`)."""
+    if a.runner == "slurm":
+        from harness.runners.slurm import cancel_leftover_jobs
+
+        return tuple(f"Slurm job {j}" for j in cancel_leftover_jobs(a.id, list(STAGES)))
+    if a.runner == "docker":
+        from harness.runners.config import load_config
+        from harness.runners.docker import remove_leftover_containers
+
+        return tuple(f"container {c}" for c in
+                     remove_leftover_containers(a.id, load_config().docker))
+    return ()

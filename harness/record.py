@@ -99,6 +99,9 @@ def worst_exit_code(statuses: list[Status]) -> int:
 
 # --- where an attempt came from ----------------------------------------------------------------
 
+# A stage's caches and temp files (inductor, triton, TMPDIR): inside its writable folder,
+# removed when it ends, never part of the record.
+SCRATCH = ".scratch"
 ORIGIN_KINDS = ("run", "baseline", "session", "final")
 
 
@@ -383,11 +386,13 @@ class Attempt:
         return d
 
     def manifest(self) -> dict[str, str]:
-        """sha256 of every file under the attempt, by relative path (result.json excluded)."""
+        """sha256 of every file under the attempt, by relative path (result.json and a
+        stage's scratch folder excluded)."""
         out = {}
         record = self._record_path
         for p in sorted(self.root.rglob("*")):
-            if p.is_file() and p != record and not p.name.endswith(".tmp"):
+            if p.is_file() and p != record and not p.name.endswith(".tmp") \
+                    and SCRATCH not in p.relative_to(self.root).parts:
                 out[str(p.relative_to(self.root))] = sha256_file(p)
         return out
 

@@ -18,6 +18,7 @@ from harness.runners import make_runner
 from harness.runners.apptainer import ApptainerRunner, command
 from harness.runners.base import Mount, StageRun, StageSpec
 from harness.runners.config import ApptainerSettings, load_config, parse_config, with_overrides
+from harness.runners.leased import LeasedRunner
 from harness.runners.local import LocalRunner
 from harness.stages import pretrain
 
@@ -115,9 +116,12 @@ def test_config_file_and_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert config.kind == "apptainer" and config.apptainer.image == "/img/h.sif"
     assert config.docker.cpus == 4.0 and config.docker.memory == "8g"
     assert config.slurm.extra_args == ("--constraint=h200",)
-    assert isinstance(make_runner(config), ApptainerRunner)
+    # Runners on this host come wrapped in their GPU leases; Slurm allocates its own.
+    leased = make_runner(config)
+    assert isinstance(leased, LeasedRunner) and isinstance(leased.inner, ApptainerRunner)
     local = with_overrides(config, kind="local", image="other.sif")
-    assert isinstance(make_runner(local), LocalRunner)
+    leased = make_runner(local)
+    assert isinstance(leased, LeasedRunner) and isinstance(leased.inner, LocalRunner)
     assert local.apptainer.image == "other.sif" and local.docker.image == "other.sif"
 
 

@@ -33,6 +33,7 @@ import harness
 from harness.runners.base import Mount, Runner, StageRun, StageSpec
 from harness.runtime.preflight import (
     CHECK_IDS,
+    DDP_PROCESSES,
     REPORT_FILE,
     CheckResult,
     PreflightReport,
@@ -46,6 +47,8 @@ ORCHESTRATOR = "harness.runtime.preflight"
 # deadline and kills the worker's and then torchrun's trees (a grace each), then writes the
 # report; the runner's watchdog is only the backstop for an orchestrator that hangs.
 STAGE_MARGIN_S = 2 * KILL_GRACE_S + 30.0
+# Its DDP check runs two ranks at once: what it leases when CPU slots are pooled.
+PREFLIGHT_PROCS = DDP_PROCESSES
 
 
 def full_size_shapes(task: TaskSpec) -> list[tuple[int, int]]:
@@ -83,7 +86,7 @@ def build(task: TaskSpec, *, work_dir: Path, runner: Runner, timeout_s: float,
     return StageSpec(name=STAGE, argv=tuple(argv), cwd=work_dir, log_dir=work_dir,
                      timeout_s=timeout_s + STAGE_MARGIN_S, env=_env(runner),
                      mounts=(Mount(work_dir, str(work_dir), writable=True),), gpus=0,
-                     job_name="harness-preflight")
+                     procs=PREFLIGHT_PROCS, job_name="harness-preflight")
 
 
 def _ours(checks: Sequence[str], reason: str, run: StageRun | None) -> PreflightReport:

@@ -9,15 +9,18 @@ from harness.runners.config import RunnerConfig
 
 
 def make_runner(config: RunnerConfig) -> Runner:
-    """The runner a config names; imports only what that runner needs."""
+    """The runner a config names; imports only what that runner needs. A runner that starts
+    stages on this host leases them its GPUs (harness/runners/leased.py); Slurm allocates."""
+    from harness.runners.leased import LeasedRunner
+
     if config.kind == "docker":
         from harness.runners.docker import DockerRunner
 
-        return DockerRunner(config.docker)
+        return LeasedRunner(DockerRunner(config.docker), config.leases)
     if config.kind == "apptainer":
         from harness.runners.apptainer import ApptainerRunner
 
-        return ApptainerRunner(config.apptainer)
+        return LeasedRunner(ApptainerRunner(config.apptainer), config.leases)
     if config.kind == "slurm":
         from harness.runners.apptainer import ApptainerRunner
         from harness.runners.slurm import SlurmRunner
@@ -26,4 +29,4 @@ def make_runner(config: RunnerConfig) -> Runner:
         return SlurmRunner(config.slurm, wrap=wrap)
     from harness.runners.local import LocalRunner
 
-    return LocalRunner(config.local)
+    return LeasedRunner(LocalRunner(config.local), config.leases)

@@ -35,7 +35,10 @@ def _bind(source: Path, target: str, writable: bool) -> str:
 
 
 def stage_env(spec: StageSpec) -> dict[str, str]:
-    return container_env(spec.env, drop=HOST_ONLY, inside={"HOME": "/tmp", "TMPDIR": "/tmp"})
+    # --nv shows every host GPU; CUDA_VISIBLE_DEVICES (host numbering) narrows it to a lease.
+    leased = {"CUDA_VISIBLE_DEVICES": ",".join(spec.devices)} if spec.devices else {}
+    return container_env({**spec.env, **leased}, drop=HOST_ONLY,
+                         inside={"HOME": "/tmp", "TMPDIR": "/tmp"})
 
 
 def command(spec: StageSpec, settings: ApptainerSettings) -> list[str]:
@@ -58,6 +61,7 @@ def command(spec: StageSpec, settings: ApptainerSettings) -> list[str]:
 
 class ApptainerRunner(StagedRunner):
     name = "apptainer"
+    host_devices = True  # starts stages on this host: they lease its GPUs (leases.py)
 
     def __init__(self, settings: ApptainerSettings) -> None:
         self.settings = settings

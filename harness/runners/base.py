@@ -58,6 +58,14 @@ class StageSpec:
     # collective, a lost rank or node): `infra`, and resumable. 0: no watchdog.
     progress_file: Path | None = None
     stall_s: float = 0.0
+    # The host GPU ids leased to the stage (harness/leases.py): the runner shows it these
+    # alone. (): no lease (Slurm allocates itself; no GPU pool on this host).
+    devices: tuple[str, ...] = ()
+    # Processes the stage runs at once: what a CPU stage leases when CPU slots are pooled.
+    procs: int = 0
+    # Open descriptors a stage process on this host inherits: its lease's locks, so that
+    # the slots stay taken while it lives, even if the harness dies first.
+    inherit_fds: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,10 @@
     [runner.apptainer]
     image = "/shared/images/bitlinear-harness.sif"
 
+    [runner.leases]            # which of this host's GPUs stages may take (harness/leases.py)
+    gpus = ["0", "1", "2", "3"]
+    cpu_slots = 0
+
 Unknown keys are refused with the file and the key named: a typo must not silently fall back
 to a default that runs untrusted code differently than intended.
 """
@@ -87,6 +91,17 @@ class SlurmSettings:
 
 
 @dataclass(frozen=True)
+class LeaseSettings:
+    """The host's pools of device slots that the local, docker and apptainer runners lease
+    stages from (harness/leases.py)."""
+
+    enabled: bool = True
+    gpus: tuple[str, ...] = ()  # GPU ids to hand out; (): CUDA_VISIBLE_DEVICES or nvidia-smi
+    cpu_slots: int = 0  # >0: CPU stages lease nproc_per_node of this many slots too
+    dir: str = ""  # "": $HARNESS_LEASE_DIR, else a per-user folder in the temp dir
+
+
+@dataclass(frozen=True)
 class RunnerConfig:
     kind: str = "local"
     # How often a stage stopped by a failure of ours (a killed rank, a lost node, a stall) is
@@ -96,6 +111,7 @@ class RunnerConfig:
     docker: DockerSettings = field(default_factory=DockerSettings)
     apptainer: ApptainerSettings = field(default_factory=ApptainerSettings)
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
+    leases: LeaseSettings = field(default_factory=LeaseSettings)
     source: str = "defaults"  # where the settings came from, for result.json
 
 
@@ -133,11 +149,11 @@ def parse_config(data: dict[str, Any], source: str) -> RunnerConfig:
     top = {k: v for k, v in runner.items() if not isinstance(v, dict)}
     bad = sorted(set(top) - {"kind", "resume_retries"}) + sorted(
         set(k for k, v in runner.items() if isinstance(v, dict))
-        - {"local", "docker", "apptainer", "slurm"})
+        - {"local", "docker", "apptainer", "slurm", "leases"})
     if bad:
         raise UserError(f"unknown setting {bad[0]!r} in [runner]", where=source,
                         fix="known: kind, resume_retries, [runner.local], [runner.docker], "
-                            "[runner.apptainer], [runner.slurm]")
+                            "[runner.apptainer], [runner.slurm], [runner.leases]")
     retries = top.get("resume_retries", 2)
     if type(retries) is not int or not 0 <= retries <= 100:
         raise UserError(f"[runner] resume_retries = {retries!r}", where=source,
@@ -149,6 +165,7 @@ def parse_config(data: dict[str, Any], source: str) -> RunnerConfig:
         apptainer=_section(ApptainerSettings, runner.get("apptainer", {}),
                            f"{source} [runner.apptainer]"),
         slurm=_section(SlurmSettings, runner.get("slurm", {}), f"{source} [runner.slurm]"),
+        leases=_section(LeaseSettings, runner.get("leases", {}), f"{source} [runner.leases]"),
         source=source)
     return validated(config)
 
@@ -157,6 +174,14 @@ def validated(config: RunnerConfig) -> RunnerConfig:
     if config.kind not in KINDS:
         raise UserError(f"unknown runner {config.kind!r}", where=config.source,
                         fix=f"choose one of {', '.join(KINDS)}")
+    if not 0 <= config.leases.cpu_slots <= 4096:
+        raise UserError(f"[runner.leases] cpu_slots = {config.leases.cpu_slots}",
+                        where=config.source, fix="0 (CPU stages lease nothing) up to 4096")
+    if len(set(config.leases.gpus)) != len(config.leases.gpus) or \
+            not all(g.strip() for g in config.leases.gpus):
+        raise UserError(f"[runner.leases] gpus = {list(config.leases.gpus)}: ids must be "
+                        "distinct and not empty", where=config.source,
+                        fix='list the GPU ids once each, e.g. gpus = ["0", "1"]')
     if config.slurm.wrap not in ("none", "apptainer"):
         raise UserError(f"[runner.slurm] wrap = {config.slurm.wrap!r}", where=config.source,
                         fix="wrap is 'none' or 'apptainer'")

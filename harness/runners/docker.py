@@ -96,6 +96,8 @@ def container_args(spec: StageSpec, settings: DockerSettings, *, uid_gid: str,
         mounts.append(Mount(target=m.target, source=str(m.source), type="bind",
                             read_only=not m.writable))
     env, visible = _env(spec)
+    # A lease names the host's GPUs to give it; docker renumbers them 0.. inside.
+    visible = list(spec.devices) or visible
     device_requests = []
     if spec.gpus > 0:
         if visible:
@@ -247,6 +249,7 @@ class _Container:
 
 class DockerRunner(StagedRunner):
     name = "docker"
+    host_devices = True  # starts stages on this host: they lease its GPUs (leases.py)
     poll_s = 0.5
 
     def __init__(self, settings: DockerSettings | None = None, *, client: Any = None,
@@ -479,6 +482,22 @@ class DockerRunner(StagedRunner):
             self._write_logs(run)
         with contextlib.suppress(Exception):
             run.container.remove(force=True)
+
+
+def remove_leftover_containers(attempt_id: str, settings: DockerSettings) -> list[str]:
+    """Remove (force) the containers of an attempt whose harness died (`harness recover`),
+    found by the names the runner gave them; their names. Nothing when no daemon answers."""
+    try:
+        client = DockerRunner(settings).client()
+        found = client.containers.list(all=True, filters={"name": f"harness-{attempt_id}-"})
+    except Exception:  # no daemon, no SDK: nothing this host can remove
+        return []
+    removed = []
+    for c in found:
+        with contextlib.suppress(Exception):
+            c.remove(force=True)
+            removed.append(str(c.name))
+    return removed
 
 
 # --- checking an image (`harness image check`, DockerRunner.verify) ------------------------

@@ -79,6 +79,11 @@ def _limiter(limits: dict[int, int]) -> Callable[[], None]:
     return apply
 
 
+def _visible(spec: StageSpec) -> dict[str, str]:
+    """The leased GPUs, when the stage holds a lease: it sees those alone."""
+    return {"CUDA_VISIBLE_DEVICES": ",".join(spec.devices)} if spec.devices else {}
+
+
 def warn_not_a_sandbox() -> None:
     """The loud note, on stderr, for commands that run a submission with the local runner."""
     print(NOT_A_SANDBOX, file=sys.stderr)
@@ -86,6 +91,7 @@ def warn_not_a_sandbox() -> None:
 
 class LocalRunner(StagedRunner):
     name = "local"
+    host_devices = True  # starts stages on this host: they lease its GPUs (leases.py)
 
     def __init__(self, settings: LocalSettings | None = None) -> None:
         self.settings = settings or LocalSettings()
@@ -96,10 +102,11 @@ class LocalRunner(StagedRunner):
         out_path, err_path = self.logs(spec)
         out, err = out_path.open("wb"), err_path.open("wb")
         token = secrets.token_hex(16)
-        env = scrubbed_env({**spec.env, STAGE_TOKEN_ENV: token})
+        env = scrubbed_env({**spec.env, STAGE_TOKEN_ENV: token, **_visible(spec)})
         try:
             proc = subprocess.Popen(list(spec.argv), cwd=spec.cwd, stdout=out, stderr=err,
                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                    pass_fds=spec.inherit_fds,
                                     preexec_fn=_limiter(rlimits(self.settings)))
         except OSError as e:
             out.close()

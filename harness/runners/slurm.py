@@ -467,6 +467,29 @@ def _call(argv: Sequence[str]) -> subprocess.CompletedProcess[str] | None:
         return None
 
 
+def cancel_leftover_jobs(attempt_id: str, stages: Sequence[str]) -> list[str]:
+    """scancel the jobs of an attempt whose harness died (`harness recover`), found by the
+    names the runner gave them, and wait until they left the queue; their ids. Nothing
+    without Slurm's clients on this host."""
+    if shutil.which("squeue") is None:
+        return []
+    names = ",".join(f"harness-{attempt_id}-{s}" for s in stages)
+
+    def queued() -> list[str]:
+        got = _call(["squeue", "-h", f"--name={names}", "-o", "%i"])
+        return got.stdout.split() if got is not None and got.returncode == 0 else []
+
+    ids = queued()
+    if ids:
+        _call(["scancel", *ids])
+        deadline = time.monotonic() + KILL_WAIT_S
+        while queued() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if queued():
+            _call(["scancel", "--signal=KILL", "--full", *ids])
+    return ids
+
+
 _SHARED: SlurmPoller | None = None
 _SHARED_LOCK = threading.Lock()
 

@@ -353,7 +353,9 @@ def judge_ddp(run: ProcessRun, out: Path) -> CheckResult:
                            details)
     tail = {"log_tail": run.tail()}
     if run.returncode != 0:
-        return CheckResult("ddp", "fail", wall,
+        # No rank said why (tried twice, _run_ddp): the launcher or the machine, not the
+        # submission, whose own failures leave an error record. Ours: nothing refused.
+        return CheckResult("ddp", "error", wall,
                            f"torchrun exited with code {run.returncode} without an error record",
                            tail)
     try:

@@ -370,3 +370,37 @@ def test_module_level_code_in_the_preflight_cannot_reach_the_host(
     assert got["host_file"] == "FileNotFoundError"  # only the work folder is mounted
     assert got["write_outside"] in ("OSError", "PermissionError", "FileNotFoundError"), got
     assert not beside.exists() and accepted == []
+
+
+@pytest.mark.slow
+def test_a_killed_harness_leaves_its_container_to_recover_which_removes_it(
+        tmp_path: Path, image: str, docker_client: Any, data_root: Path) -> None:
+    from harness.ledger import Ledger
+
+    home = tmp_path / "home"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "harness", *args, "--home", str(home)],
+                              capture_output=True, text=True, cwd=REPO, timeout=600)
+
+    sid = cli("session", "start", "--agent", "docker-ci", "--no-preflight").stdout.strip()
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "session", "test", sid,
+                             "--runner", "docker", "--image", image, "--home", str(home),
+                             "--data-dir", str(data_root)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        name = _wait_for(lambda: next((str(c.name) for c in docker_client.containers.list(
+            filters={"name": "harness-", "status": "running"}) if sid in str(c.name)), None),
+            timeout=300)
+        proc.kill()  # SIGKILL: the harness cannot stop or remove its container
+        proc.wait(30)
+        assert docker_client.containers.get(name).status == "running"
+    finally:
+        proc.kill()
+    got = cli("recover")
+    assert got.returncode == 0, got.stdout + got.stderr
+    assert f"stopped container {name}" in got.stdout, got.stdout
+    assert not docker_client.containers.list(all=True, filters={"name": name})
+    with Ledger(home, create=False) as ledger:
+        (row,) = ledger.attempts(sid)
+        assert (row.status, row.refunded or not row.charged) == ("failed_infra", True)

@@ -266,3 +266,55 @@ def test_the_stages_time_limit_is_timed_out_not_infra(tmp_path: Path) -> None:
     # job is gone from the queue.
     assert _sh("squeue", "-h", "-j", run.info["job_id"]).strip() == ""
 
+
+
+def test_a_killed_harness_leaves_its_job_to_recover_which_scancels_it(home_dir: Path,
+                                                                     smoke_data: Path,
+                                                                     config: Path) -> None:
+    sid = start_session(home_dir)
+    proc = subprocess.Popen([PYTHON, "-m", "harness", *session_test(sid, config), "--home",
+                             str(home_dir), "--data-dir", str(smoke_data)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        folder, job = running_midway(home_dir, sid)
+        proc.kill()  # SIGKILL: no handler runs, the job trains on
+        proc.wait(30)
+        assert job_of(folder)[1] == "RUNNING"
+    finally:
+        proc.kill()
+    got = cli("recover", home=home_dir)
+    assert got.returncode == 0, got.stdout + got.stderr
+    assert f"stopped Slurm job {job}" in got.stdout, got.stdout
+    assert _sh("squeue", "-h", "-j", job).strip() == ""
+    (row,) = attempts(home_dir, sid)
+    assert (row.status, row.charged, row.refunded) == ("failed_infra", True, True)
+    assert used(home_dir, sid) == 0
+
+
+def test_four_sessions_at_once_each_get_their_own_job(tmp_path: Path, smoke_data: Path,
+                                                      config: Path, short_task: Path) -> None:
+    home = tmp_path / "home"
+    sids = [start_session(home, "--task", str(short_task), "--scale", "slurm-ci")
+            for _ in range(4)]
+    t0 = time.monotonic()
+    procs = [subprocess.Popen([PYTHON, "-m", "harness", *session_test(sid, config), "--home",
+                               str(home), "--data-dir", str(smoke_data)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for sid in sids]
+    outs = [p.communicate(timeout=900) for p in procs]
+    wall = time.monotonic() - t0
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out + err
+    jobs = set()
+    for sid in sids:
+        (row,) = attempts(home, sid)
+        assert (row.status, row.charged, row.refunded) == ("succeeded", True, False)
+        result = json.loads((Path(str(row.attempt_dir)) / "result.json").read_text())
+        for stage in ("pretrain", "lm-eval"):
+            info = result["stages"][stage]["runner"]
+            assert info["node"] == HOST and info["state"] == "COMPLETED", info
+            jobs.add(info["job_id"])
+    assert len(jobs) == 8  # one job per stage per test, none shared
+    audit = [cli("audit", sid, home=home) for sid in sids]
+    assert all(a.returncode == 0 for a in audit), [a.stdout for a in audit]
+    print(f"\nslurm: 4 sessions at once, 8 jobs, {wall:.1f} s wall")
