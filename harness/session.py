@@ -304,6 +304,30 @@ class Session:
                             fix="fix the submission; pre-flight is free, so this test was not "
                                 "charged") from None
 
+    def check(self, static_only: bool = False) -> str:
+        """`harness check` on the current file, recording nothing: splice and static checks,
+        then the pre-flight unless `static_only` (asked for, it runs even in a session whose
+        tests skip it: it is free either way). UserError when they refuse the file;
+        InfraError when the pre-flight could not run."""
+        import tempfile
+
+        regions = self._edits.regions()
+        with tempfile.TemporaryDirectory(prefix="harness-check-") as tmp:
+            for spec in self.task.regions:
+                if spec.id in regions:
+                    atomic_write_text(Path(tmp) / spec.submission_file, regions[spec.id])
+            try:
+                prepared = prepare(Path(tmp), self.task)
+                report = None if static_only else preflight_or_refuse(
+                    prepared, self.task, self.runner or configured_runner(),
+                    work_root=self.ledger.runs_dir)
+            except UserError as e:  # named by the session: the temporary folder is gone
+                raise UserError(e.what, where=f"session {self.id}", details=e.details,
+                                fix=e.fix or "fix the file; checks are free") from None
+        return "\n".join(["OK: the static checks pass.",
+                          report.render() if report else "Pre-flight: not run (static_only).",
+                          "Free: nothing was recorded and no test was used."])
+
     def _charge_hook(self, attempt_id: str) -> Callable[[str, dict[str, Any]], None]:
         def hook(kind: str, info: dict[str, Any]) -> None:
             if kind == "stage_start" and info["stage"] == pretrain.STAGE:

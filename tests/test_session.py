@@ -411,7 +411,7 @@ def test_cli_refusals_are_one_clean_line(home: Path) -> None:
 
 
 def test_tool_schemas_in_both_formats() -> None:
-    names = ["view", "replace", "undo", "test", "submit", "status"]
+    names = ["view", "replace", "undo", "check", "test", "status", "logs", "submit", "leaderboard"]
     openai, anthropic = tool_schemas("openai"), tool_schemas("anthropic")
     assert [t["function"]["name"] for t in openai] == names
     assert [t["name"] for t in anthropic] == names
