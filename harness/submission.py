@@ -16,8 +16,11 @@ the same effect have the same regions and the same sha256.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
+import stat
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -88,15 +91,11 @@ def load_submission(path: str | Path, task: TaskSpec) -> Submission:
 
 
 def read_text(path: Path) -> str:
-    """A submitted file as text: bounded size, UTF-8, no NUL bytes, newlines normalised."""
+    """A submitted file as text: a regular file (never a link, a FIFO or a device), bounded
+    size, UTF-8, no NUL bytes, newlines normalised."""
     where = str(path)
     try:
-        size = path.stat().st_size
-        # Check the size before reading, so a huge file is never loaded.
-        if size > MAX_FILE_BYTES:
-            raise UserError(f"file is {size} bytes; the limit is {MAX_FILE_BYTES} (256 KiB)",
-                            where=where, fix="submit only the region code")
-        data = path.read_bytes()
+        data = _read_regular(path)
     except OSError as e:
         raise UserError(f"cannot read: {e.strerror}", where=where) from None
     nul = data.find(b"\0")
@@ -114,6 +113,54 @@ def read_text(path: Path) -> str:
     return normalise_newlines(text.removeprefix("\ufeff"))
 
 
+def _read_regular(path: Path) -> bytes:
+    """The bytes of a regular file, opened without following a link in its last component
+    (a submitted `bitlinear.py -> /etc/passwd` must not be read) and without blocking on a
+    FIFO; its size checked before anything is read, so a huge file is never loaded."""
+    where = str(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UserError("is a symbolic link; submitted files are read only as regular "
+                            "files", where=where,
+                            fix="copy the file's contents into the submission instead of "
+                                "linking it") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise UserError(f"is not a regular file ({_kind(st.st_mode)})", where=where,
+                        fix="submit plain text files only")
+    with os.fdopen(fd, "rb") as f:
+        if st.st_size > MAX_FILE_BYTES:
+            raise UserError(f"file is {st.st_size} bytes; the limit is {MAX_FILE_BYTES} "
+                            "(256 KiB)", where=where, fix="submit only the region code")
+        return f.read(MAX_FILE_BYTES + 1)
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def _special_entries(directory: Path) -> list[str]:
+    """Entries of a submission folder that are links or special files: refused, even those
+    the harness would not read, so that what is checked is what is there."""
+    out = []
+    for p in sorted(directory.iterdir()):
+        st = p.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            out.append(f"{p.name} (a symbolic link)")
+        elif not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            out.append(f"{p.name} ({_kind(st.st_mode)})")
+    return out
+
+
 # --- the four forms --------------------------------------------------------------------
 
 
@@ -124,15 +171,21 @@ def _template_regions(task: TaskSpec) -> list[RegionSpec]:
 def _load_directory(directory: Path, task: TaskSpec) -> tuple[dict[str, str], dict[str, str]]:
     by_file = {r.submission_file: r.id for r in _template_regions(task)}
     expected = ", ".join([*by_file, META_FILE])
+    special = _special_entries(directory)
+    if special:
+        raise UserError(f"links or special files in the submission folder: "
+                        f"{', '.join(special)}", where=str(directory),
+                        fix="a submission folder holds regular files only: copy the contents "
+                            "in instead of linking them")
     unknown = sorted(p.name for p in directory.iterdir() if p.suffix == ".py"
                      and p.name not in by_file)
     if unknown:
         raise UserError(f"unexpected file(s) {', '.join(unknown)}", where=str(directory),
                         fix=f"a submission directory holds only: {expected}")
     regions = {rid: _region_file(directory / name, rid)
-               for name, rid in by_file.items() if (directory / name).is_file()}
+               for name, rid in by_file.items() if (directory / name).exists()}
     meta_path = directory / META_FILE
-    meta = _load_meta(meta_path) if meta_path.is_file() else {}
+    meta = _load_meta(meta_path) if meta_path.exists() else {}
     if not regions and not meta:
         raise UserError("no region file and no meta.toml", where=str(directory),
                         fix=f"add at least one of: {expected}")

@@ -234,3 +234,57 @@ def test_directory_given_as_dot_is_named_after_the_folder(
     _write(tmp_path / "sub-a" / "bitlinear.py", BITLINEAR)
     monkeypatch.chdir(tmp_path / "sub-a")
     assert load_submission(".", TASK).name == "sub-a"
+
+
+# --- links and special files (docs/security.md) --------------------------------------
+
+
+def test_a_region_file_linking_elsewhere_is_refused_unread(tmp_path: Path) -> None:
+    secret = _write(tmp_path / "secret.txt", "def weight_quant(weight):\n    return 0\n")
+    d = tmp_path / "sub"
+    d.mkdir()
+    (d / "bitlinear.py").symlink_to(secret)
+    err = _error(d)
+    assert "links or special files in the submission folder: bitlinear.py (a symbolic link)" \
+        in str(err)
+    assert err.where == str(d) and "copy the contents in" in str(err)
+    # The single-file form too: never followed, whatever it points at.
+    link = tmp_path / "link.py"
+    link.symlink_to(secret)
+    assert "is a symbolic link" in str(_error(link))
+
+
+def test_any_link_or_fifo_in_the_folder_is_refused_without_blocking(tmp_path: Path) -> None:
+    import os
+
+    d = tmp_path / "sub"
+    _write(d / "bitlinear.py", BITLINEAR)
+    (d / "NOTES.md").symlink_to("/etc/passwd")
+    assert "NOTES.md (a symbolic link)" in str(_error(d))
+    (d / "NOTES.md").unlink()
+    os.mkfifo(d / "meta.toml")  # opening it for reading would block forever
+    assert "meta.toml (a FIFO)" in str(_error(d))
+    (d / "meta.toml").unlink()
+    (d / "config_overrides.py").mkdir()
+    assert "is not a regular file (a directory)" in str(_error(d))
+
+
+def test_a_session_edit_from_a_linked_file_is_refused(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    home = tmp_path / "home"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "harness", *args, "--home", str(home)],
+                              capture_output=True, text=True, cwd=REPO, timeout=120)
+
+    sid = cli("session", "start", "--agent", "x").stdout.strip()
+    link = tmp_path / "region.py"
+    link.symlink_to("/etc/passwd")
+    got = cli("session", "edit", sid, "--start", "38", "--end", "115", "--content-file",
+              str(link))
+    assert got.returncode == 2 and "is a symbolic link" in got.stderr, got.stderr
+    assert "root:" not in got.stdout + got.stderr
