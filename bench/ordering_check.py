@@ -1,10 +1,13 @@
-"""Short-run ordering check of the three baselines at gpt-124m (issue 9, deliverable 4).
+"""Short-run ordering check of the three baselines at gpt-124m (issue 9, deliverable 4), and
+their seed-to-seed spread (issue 21, deliverable 5).
 
 Two steps, so that the GPU machine needs neither the corpus sources nor the working-tree
 template (which may change under us):
 
     python bench/ordering_check.py prepare --dir .ordering
     python bench/ordering_check.py run --dir .ordering --json ordering.json   # on the GPU
+    python bench/ordering_check.py run --dir .ordering --seeds 3 --iters 150 --json s.json
+    python bench/ordering_check.py combine s0.json s1.json --json seeds.json
 
 `prepare` (here, no GPU): builds a real-text corpus from what this machine has — the docstrings
 and comment blocks of installed Python packages and the standard library, their .md/.rst/.txt
@@ -17,13 +20,24 @@ splices each baseline into the template (`harness.attempt.prepare`, static check
 and writes `<dir>/<baseline>.py`, plus `<dir>/plan.json` with the gpt-124m scale's config as it
 is now and the hashes of everything.
 
-`run` (on the GPU): for each baseline, torchrun with one process on its spliced script, the
-scale's config with only the iteration count, warm-up, accumulation and evaluation cadence
-changed so that every baseline trains on the same number of tokens (by default one pass over
-the train split's size), with the same seed, the same data and the same validation windows.
-Reads each run's metrics.jsonl / train_log.jsonl / final.json, prints one table and whether
-int2_uniform < ternary_158bit <= binary_sign holds, and writes everything to --json (also after
-each baseline, so a run cut short still leaves what it finished).
+`run` (on the GPU): for each seed and each baseline, torchrun with one process on its spliced
+script, the scale's config with only the iteration count, warm-up, accumulation and evaluation
+cadence changed so that every baseline trains on the same number of tokens (by default one pass
+over the train split's size; `--iters` or `--tokens` shorten it), with the same data and the
+same validation windows. Seed k of `--seeds N` (k = --first-seed .. --first-seed + N - 1) moves
+BOTH of the template's seeds by k, as `harness run --seeds` does (ScaleSpec.seed_run):
+init_seed = scale's init_seed + k (weights, dropout) and data_seed = scale's data_seed + k (the
+batches' order); seed 0 is the scale itself (42, 42). The runs go seed by seed (every baseline
+at seed k, then k + 1), so a run cut short leaves the same seeds for each baseline. Reads each
+run's metrics.jsonl / train_log.jsonl / final.json and writes everything to --json after each
+run: per baseline n, mean, sample std (ddof 1) and the 95% Student-t interval of the mean of
+the final val_loss, and per pair of baselines Welch's t-test (scipy) plus, since seed k gives
+every baseline the same batches, a paired t-test over the seeds both have. Prints one table
+and whether int2_uniform < ternary_158bit <= binary_sign holds for the means.
+
+`combine` (anywhere with scipy): merges the --json records of several `run` commands (other
+seeds of the same plan and config, say, when one command cannot hold them all) into one, the
+statistics computed again over all runs.
 
 Not FineWeb: the absolute losses are not comparable with the task statement's table.
 """
@@ -37,6 +51,7 @@ import gzip
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import signal
@@ -45,6 +60,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -63,6 +79,9 @@ SKIP_DIRS = frozenset({"__pycache__", "test", "tests", "testing", "idle_test", "
 TEXT_SUFFIXES = (".md", ".rst", ".txt")
 DOC_SUFFIXES = (".md", ".rst", ".txt", ".gz")
 EXPECTED_ORDER = "int2_uniform < ternary_158bit <= binary_sign"
+# The template's two seeds (harness.task.SEED_KEYS): weights and dropout, batches' order.
+SEED_KEYS = ("init_seed", "data_seed")
+CONFIDENCE = 0.95  # of the interval of each baseline's mean
 
 
 def default_roots() -> dict[str, list[Path]]:
@@ -318,7 +337,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- the run (GPU side: stdlib + torch only) ---------------------------------------------------
+# -- the run (GPU side: stdlib, torch and scipy) ------------------------------------------------
 
 def _rows(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
@@ -391,6 +410,10 @@ def run_one(name: str, script: Path, argv: list[str], out_dir: Path, nproc: int,
     train_log = _rows(out_dir / "train_log.jsonl")
     final = json.loads((out_dir / "final.json").read_text()) if (
         out_dir / "final.json").is_file() else None
+    # The template always writes a resume checkpoint at the end (model and optimizer, ~1.5 GB
+    # at gpt-124m): nothing here reads it, and many runs would fill the disk.
+    for ckpt in out_dir.glob("*.pt"):
+        ckpt.unlink()
     # Steady state: seconds per iteration between log rows, the first two left out
     # (compilation); the median drops the intervals that hold an evaluation.
     per_iter = [(b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"])
@@ -400,7 +423,8 @@ def run_one(name: str, script: Path, argv: list[str], out_dir: Path, nproc: int,
     return {"status": status, "wall_s": wall, "metrics": metrics, "train_log": train_log,
             "final": final, "steady_step_s": step_s, "log_tail": tail,
             "val_loss": metrics[-1]["val_loss"] if metrics else None,
-            "tokens": final["tokens"] if final else None}
+            "tokens": final["tokens"] if final else None,
+            "train_time_s": final["train_time_s"] if final else None}
 
 
 def _parse_set(item: str) -> tuple[str, Any]:
@@ -414,13 +438,18 @@ def _parse_set(item: str) -> tuple[str, Any]:
 
 
 def run_args(cfg: dict[str, Any], data: Path, tokens: int, accum: int, evals: int,
-             val_tokens: int, sets: list[str]) -> tuple[list[str], dict[str, Any]]:
-    """The template's --name=value arguments: the scale's config, shortened."""
+             val_tokens: int, sets: list[str], iters: int = 0) -> dict[str, Any]:
+    """The template's settings: the scale's config, shortened to `iters` iterations (0: as
+    many as `tokens` needs), with the scale's own seeds (seed 0; see with_seed)."""
     cfg = dict(cfg)
     explicit = dict(_parse_set(item) for item in sets)
     cfg.update(explicit)  # shapes set here (CPU tests) decide the iteration count too
+    missing = [k for k in SEED_KEYS if k not in cfg]
+    if missing:
+        raise SystemExit(f"the plan's scale config has no {', '.join(missing)}: it predates "
+                         "the template's two seeds; run `prepare` again")
     tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * accum
-    iters = max(1, tokens // tokens_per_iter)
+    iters = iters or max(1, tokens // tokens_per_iter)
     # Warm-up: the scale's fraction of its own iterations (250 of 4768), at least one.
     warmup = max(1, round(iters * cfg["warmup_iters"] / cfg["max_iters"]))
     cfg.update(max_iters=iters, warmup_iters=warmup, gradient_accumulation_steps=accum,
@@ -428,34 +457,126 @@ def run_args(cfg: dict[str, Any], data: Path, tokens: int, accum: int, evals: in
                # Validation: about the whole val split once, in fixed windows.
                eval_iters=max(1, val_tokens // (cfg["batch_size"] * cfg["block_size"])),
                log_interval=max(1, min(cfg["log_interval"], iters // 20)),
-               save_checkpoint=False, seed=42, data_dir=str(data))
+               # No resume checkpoints but the template's final one (deleted by run_one).
+               checkpoint_interval=0, save_checkpoint=False, data_dir=str(data))
     cfg.update(explicit)
-    argv = [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in cfg.items()]
-    return argv, cfg
+    return cfg
 
 
-def ordering_holds(losses: dict[str, float | None]) -> bool | None:
+def with_seed(cfg: dict[str, Any], k: int) -> dict[str, Any]:
+    """Seed k of several: both seeds moved by k (ScaleSpec.seed_run; 0: the config's own)."""
+    return {**cfg, **{key: int(cfg[key]) + k for key in SEED_KEYS}}
+
+
+def to_argv(cfg: dict[str, Any]) -> list[str]:
+    return [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in cfg.items()]
+
+
+# -- statistics over seeds ------------------------------------------------------------------
+
+def seed_stats(values: list[float], confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """n, mean, sample std (ddof 1) and the Student-t interval of the mean of `values`
+    (harness/leaderboard/stats.py's formula); spread and interval None under two values."""
+    from scipy import stats
+
+    n = len(values)
+    out: dict[str, Any] = {"n": n, "values": values,
+                           "mean": statistics.fmean(values) if n else None,
+                           "std": None, "ci_confidence": confidence, "ci_half_width": None,
+                           "ci_low": None, "ci_high": None}
+    if n >= 2:
+        std = statistics.stdev(values)
+        half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * std / math.sqrt(n)
+        out.update(std=std, ci_half_width=half, ci_low=out["mean"] - half,
+                   ci_high=out["mean"] + half)
+    return out
+
+
+def _p_value(result: Any) -> float | None:
+    p = float(result.pvalue)
+    return p if math.isfinite(p) else None
+
+
+def pair_tests(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
+    """Welch's t-test (two-sided) of two baselines' final val_loss over their seeds, and the
+    paired t-test over the seeds both have (seed k: the same batches for every baseline).
+    A p-value is None where the test is undefined (under two values, or no spread)."""
+    from scipy import stats
+
+    out: dict[str, Any] = {"welch_p": None, "welch_t": None, "paired_p": None,
+                           "paired_n": 0, "mean_diff": None}
+    xs, ys = list(a.values()), list(b.values())
+    if xs and ys:
+        out["mean_diff"] = statistics.fmean(xs) - statistics.fmean(ys)
+    with warnings.catch_warnings():
+        # Without spread scipy warns of cancellation, then answers 0 or NaN.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if len(xs) >= 2 and len(ys) >= 2:
+            welch = stats.ttest_ind(xs, ys, equal_var=False)
+            out.update(welch_p=_p_value(welch), welch_t=float(welch.statistic))
+        common = sorted(set(a) & set(b))
+        out["paired_n"] = len(common)
+        if len(common) >= 2:
+            out["paired_p"] = _p_value(stats.ttest_rel([a[k] for k in common],
+                                                       [b[k] for k in common]))
+    return out
+
+
+def summarize(record: dict[str, Any]) -> None:
+    """Fill record's stats, pairwise, ordering_holds and observed_order from its runs."""
+    losses: dict[str, dict[int, float]] = {name: {} for name in record["baselines_run"]}
+    for r in record["runs"]:
+        if r["status"] == "ok" and r["val_loss"] is not None:
+            losses.setdefault(r["baseline"], {})[r["seed"]] = r["val_loss"]
+    record["stats"] = {name: {"seeds": sorted(v), **seed_stats([v[k] for k in sorted(v)])}
+                       for name, v in losses.items()}
+    record["pairwise"] = {f"{x} vs {y}": pair_tests(losses[x], losses[y])
+                          for x, y in itertools.combinations(losses, 2)}
+    means = {n: st["mean"] for n, st in record["stats"].items() if st["mean"] is not None}
+    record["ordering_holds"] = ordering_holds(means)
+    record["observed_order"] = (" < ".join(sorted(means, key=lambda n: means[n]))
+                                if len(means) == len(losses) else None)
+
+
+def ordering_holds(losses: dict[str, float]) -> bool | None:
     a, b, c = (losses.get(n) for n in ("int2_uniform", "ternary_158bit", "binary_sign"))
     if a is None or b is None or c is None:
         return None
     return a < b <= c
 
 
+def _f(x: float | None, spec: str = ".4f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
 def render(record: dict[str, Any]) -> str:
-    lines = [f"{'baseline':<15} {'status':<8} {'tokens':>12} {'val_loss':>8} "
+    lines = [f"{'baseline':<15} {'seed':>4} {'status':<8} {'tokens':>12} {'val_loss':>8} "
              f"{'tokens/s':>10} {'wall s':>7}  val_loss curve (step: loss)"]
-    for name, r in record["runs"].items():
+    for r in record["runs"]:
         curve = ", ".join(f"{m['step']}: {m['val_loss']:.3f}" for m in r["metrics"])
         tps = (record["tokens_per_iter"] / r["steady_step_s"]) if r["steady_step_s"] else None
-        vl = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "-"
         tok = f"{r['tokens']:,}" if r["tokens"] is not None else "-"
-        lines.append(f"{name:<15} {r['status']:<8} {tok:>12} {vl:>8} "
-                     f"{(f'{tps:,.0f}' if tps else '-'):>10} {r['wall_s']:7.0f}  {curve}")
+        lines.append(f"{r['baseline']:<15} {r['seed']:>4} {r['status']:<8} {tok:>12} "
+                     f"{_f(r['val_loss']):>8} {(f'{tps:,.0f}' if tps else '-'):>10} "
+                     f"{r['wall_s']:7.0f}  {curve}")
+    lines.append(f"{'baseline':<15} {'n':>2} {'mean':>8} {'std':>8} {'95% CI +-':>9}")
+    for name, st in record["stats"].items():
+        lines.append(f"{name:<15} {st['n']:>2} {_f(st['mean']):>8} {_f(st['std']):>8} "
+                     f"{_f(st['ci_half_width']):>9}")
+    for pair, t in record["pairwise"].items():
+        lines.append(f"{pair:<32} diff {_f(t['mean_diff'], '+.4f')}  Welch p "
+                     f"{_f(t['welch_p'], '.3g')}  paired p {_f(t['paired_p'], '.3g')} "
+                     f"(n={t['paired_n']})")
     verdict = {True: "HOLDS", False: "DOES NOT HOLD", None: "unknown"}[record["ordering_holds"]]
-    lines.append(f"expected (task statement's table): {EXPECTED_ORDER}: {verdict}")
+    lines.append(f"expected (task statement's table): {EXPECTED_ORDER}: {verdict} (means)")
     if record.get("observed_order"):
-        lines.append(f"observed (final val_loss, lowest first): {record['observed_order']}")
+        lines.append(f"observed (mean final val_loss, lowest first): {record['observed_order']}")
     return "\n".join(lines)
+
+
+def _write(record: dict[str, Any], path: Path | None) -> None:
+    if path:
+        path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -468,52 +589,90 @@ def cmd_run(args: argparse.Namespace) -> int:
     train_tokens = int(manifest["tokens"]["train"])
     val_tokens = int(manifest["tokens"]["val"])
     tokens = args.tokens or train_tokens
-    argv, cfg = run_args(plan["scale_config"], data.resolve(), tokens, args.accum, args.evals,
-                         val_tokens, args.set)
+    cfg = run_args(plan["scale_config"], data.resolve(), tokens, args.accum, args.evals,
+                   val_tokens, args.set, args.iters)
+    names = args.baselines.split(",")
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
     record: dict[str, Any] = {
-        "what": "short-run ordering check, issue 9 deliverable 4",
+        "what": "short-run ordering check (issue 9, deliverable 4) and seed-to-seed spread "
+                "(issue 21, deliverable 5) of the baselines",
         "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
         "device": (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"),
         "nproc_per_node": args.nproc, "scale": plan["scale"], "config": cfg,
-        "tokens_per_iter": cfg["batch_size"] * cfg["block_size"] * cfg[
-            "gradient_accumulation_steps"],
-        "tokens_per_baseline": cfg["max_iters"] * cfg["batch_size"] * cfg["block_size"]
-        * cfg["gradient_accumulation_steps"],
+        "seeds": seeds,
+        "seed_rule": "seed k: init_seed = config's init_seed + k and data_seed = config's "
+                     "data_seed + k (ScaleSpec.seed_run); the config shows seed 0",
+        "tokens_per_iter": tokens_per_iter,
+        "tokens_per_baseline": cfg["max_iters"] * tokens_per_iter,
         "corpus": {"train_tokens": train_tokens, "val_tokens": val_tokens,
                    "source": manifest.get("source"), "val_rule": manifest.get("val_rule"),
                    "shards": manifest["splits"], **(plan.get("corpus") or {})},
         "template_sha256": plan["template_sha256"], "baselines": plan["baselines"],
-        "expected_order": EXPECTED_ORDER, "runs": {}, "ordering_holds": None,
+        "baselines_run": names, "expected_order": EXPECTED_ORDER, "runs": [],
     }
+    summarize(record)
     print(f"{record['device']}, torch {record['torch']}; {record['tokens_per_baseline']:,} "
-          f"tokens per baseline ({cfg['max_iters']} iterations x {record['tokens_per_iter']:,})",
-          flush=True)
+          f"tokens per run ({cfg['max_iters']} iterations x {tokens_per_iter:,}); "
+          f"seeds {seeds}", flush=True)
     deadline = time.time() + args.budget_s
-    names = args.baselines.split(",")
-    for i, name in enumerate(names):
+    jobs = [(k, name) for k in seeds for name in names]
+    for i, (k, name) in enumerate(jobs):
+        seeded = with_seed(cfg, k)
+        run: dict[str, Any] = {"baseline": name, "seed": k,
+                               **{key: seeded[key] for key in SEED_KEYS}}
         left = deadline - time.time()
         if left < 30:
-            record["runs"][name] = {"status": "skipped", "wall_s": 0.0, "metrics": [],
-                                    "steady_step_s": None, "val_loss": None, "tokens": None}
-            continue
-        timeout = left / (len(names) - i)
-        r = run_one(name, root / plan["baselines"][name]["script"], argv,
-                    args.work / name, args.nproc, timeout)
-        record["runs"][name] = r
-        record["ordering_holds"] = ordering_holds(
-            {n: x["val_loss"] for n, x in record["runs"].items() if x["status"] == "ok"})
-        if args.json:
-            args.json.write_text(json.dumps(record, indent=2) + "\n")
-        print(f"   {name}: {r['status']}, val_loss {r['val_loss']}, {r['wall_s']:.0f}s",
-              flush=True)
-    losses = {n: r["val_loss"] for n, r in record["runs"].items()}
-    if all(v is not None for v in losses.values()):
-        ranked = sorted(losses, key=lambda n: losses[n])
-        record["observed_order"] = " < ".join(ranked)
+            run.update(status="skipped", wall_s=0.0, metrics=[], steady_step_s=None,
+                       val_loss=None, tokens=None, train_time_s=None)
+        else:
+            share = left / (len(jobs) - i)
+            timeout = min(left, args.run_timeout_s) if args.run_timeout_s else share
+            run.update(run_one(f"{name} seed {k}", root / plan["baselines"][name]["script"],
+                               to_argv(seeded), args.work / name / f"seed{k}", args.nproc,
+                               timeout))
+            print(f"   {name} seed {k}: {run['status']}, val_loss {run['val_loss']}, "
+                  f"{run['wall_s']:.0f}s", flush=True)
+        record["runs"].append(run)
+        summarize(record)
+        _write(record, args.json)
     print(render(record), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
-    return 0 if all(r["status"] == "ok" for r in record["runs"].values()) else 1
+    return 0 if all(r["status"] == "ok" for r in record["runs"]) else 1
+
+
+# What may differ between the records that `combine` merges: the rest must be one plan.
+COMBINE_MAY_DIFFER = frozenset({"date", "torch", "device", "seeds", "runs", "stats",
+                                "pairwise", "ordering_holds", "observed_order"})
+
+
+def cmd_combine(args: argparse.Namespace) -> int:
+    parts = [json.loads(Path(p).read_text()) for p in args.records]
+    record = {k: v for k, v in parts[0].items() if k not in COMBINE_MAY_DIFFER}
+    for path, part in zip(args.records[1:], parts[1:], strict=True):
+        for key, value in record.items():
+            if part.get(key) != value:
+                raise SystemExit(f"{path}: {key} differs from {args.records[0]}'s")
+    runs = [r for part in parts for r in part["runs"]]
+    done = [(r["baseline"], r["seed"]) for r in runs if r["status"] != "skipped"]
+    if len(done) != len(set(done)):
+        raise SystemExit("a baseline's seed is in more than one record")
+    record.update(
+        date=max(p["date"] for p in parts),
+        torch=sorted({p["torch"] for p in parts}),
+        device=sorted({p["device"] for p in parts}),
+        seeds=sorted({k for p in parts for k in p["seeds"]}),
+        parts=[{"file": str(path), "date": p["date"], "torch": p["torch"],
+                "device": p["device"], "seeds": p["seeds"]}
+               for path, p in zip(args.records, parts, strict=True)],
+        runs=sorted(runs, key=lambda r: (r["seed"], record["baselines_run"].index(
+            r["baseline"]))),
+        **args.note)
+    if len(record["torch"]) == 1 and len(record["device"]) == 1:
+        record.update(torch=record["torch"][0], device=record["device"][0])
+    summarize(record)
+    print(render(record), flush=True)
+    _write(record, args.json)
+    return 0
 
 
 def main(argv: list[str]) -> int:
@@ -529,19 +688,38 @@ def main(argv: list[str]) -> int:
     pr = sub.add_parser("run", help="train every baseline on the prepared data (GPU)")
     pr.add_argument("--dir", type=Path, default=REPO / ".ordering")
     pr.add_argument("--baselines", default="int2_uniform,ternary_158bit,binary_sign")
+    pr.add_argument("--seeds", type=int, default=1,
+                    help="seeds per baseline: both init_seed and data_seed moved by k")
+    pr.add_argument("--first-seed", type=int, default=0,
+                    help="the first k (seeds k .. k + seeds - 1; to split seeds over commands)")
     pr.add_argument("--tokens", type=int, default=0,
-                    help="training tokens per baseline (default: the train split's size)")
+                    help="training tokens per run (default: the train split's size)")
+    pr.add_argument("--iters", type=int, default=0,
+                    help="iterations per run (default: as many as --tokens needs)")
     pr.add_argument("--accum", type=int, default=1,
                     help="gradient accumulation steps (micro-batch stays the scale's)")
     pr.add_argument("--evals", type=int, default=5, help="evaluations after step 0")
     pr.add_argument("--nproc", type=int, default=1)
     pr.add_argument("--budget-s", type=float, default=540.0,
                     help="wall-clock for all runs; each gets an equal share of what is left")
+    pr.add_argument("--run-timeout-s", type=float, default=0.0,
+                    help="each run's limit instead of the equal share (the first runs, which "
+                         "compile, take longest); runs past --budget-s are skipped")
     pr.add_argument("--work", type=Path, default=Path("/tmp/ordering-runs"))
     pr.add_argument("--json", type=Path, default=None)
     pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a template setting (tests on CPU: --set device=\"cpu\")")
+    pc = sub.add_parser("combine", help="merge the --json records of several runs")
+    pc.add_argument("records", nargs="+", type=Path)
+    pc.add_argument("--json", type=Path, default=None)
+    pc.add_argument("--note", action="append", default=[], type=_parse_set,
+                    metavar="KEY=VALUE", help="add a top-level key to the merged record")
     args = p.parse_args(argv)
+    if args.cmd == "combine":
+        args.note = dict(args.note)
+        return cmd_combine(args)
+    if args.cmd == "run" and args.seeds < 1:
+        p.error("--seeds must be at least 1")
     return cmd_prepare(args) if args.cmd == "prepare" else cmd_run(args)
 
 
