@@ -642,7 +642,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # What may differ between the records that `combine` merges: the rest must be one plan.
 COMBINE_MAY_DIFFER = frozenset({"date", "torch", "device", "seeds", "runs", "stats",
-                                "pairwise", "ordering_holds", "observed_order"})
+                                "pairwise", "ordering_holds", "observed_order",
+                                "baselines_run"})
 
 
 def cmd_combine(args: argparse.Namespace) -> int:
@@ -652,8 +653,12 @@ def cmd_combine(args: argparse.Namespace) -> int:
         for key, value in record.items():
             if part.get(key) != value:
                 raise SystemExit(f"{path}: {key} differs from {args.records[0]}'s")
-    runs = [r for part in parts for r in part["runs"]]
-    done = [(r["baseline"], r["seed"]) for r in runs if r["status"] != "skipped"]
+    # A later command may run only the baselines an earlier one skipped; its order is kept.
+    record["baselines_run"] = list(dict.fromkeys(n for p in parts for n in p["baselines_run"]))
+    ran = [r for part in parts for r in part["runs"]]
+    done = [(r["baseline"], r["seed"]) for r in ran if r["status"] != "skipped"]
+    # A run skipped in one command and run in another counts once, as run.
+    runs = [r for r in ran if r["status"] != "skipped" or (r["baseline"], r["seed"]) not in done]
     if len(done) != len(set(done)):
         raise SystemExit("a baseline's seed is in more than one record")
     record.update(

@@ -384,8 +384,10 @@ def recover(ledger: Ledger) -> list[Recovered]:
             out.append(Recovered(a, state))
             continue
         attempt = attempt_folder(ledger, a)
-        killed = kill_processes_in(attempt.root, KILL_WAIT_S) if attempt else ()
+        # Its runner's jobs first (scancel lets Slurm end them as it should, wherever they
+        # run), then whatever of it still runs on this host.
         stopped = stop_leftovers(a)
+        killed = kill_processes_in(attempt.root, KILL_WAIT_S) if attempt else ()
         reason = (f"the harness process (pid {a.pid} on {a.host}) ended while the attempt was "
                   f"{a.status}; settled by `harness recover`")
         settlement = _settlement(attempt, reason)
