@@ -388,10 +388,15 @@ def test_a_killed_harness_leaves_its_container_to_recover_which_removes_it(
                              "--runner", "docker", "--image", image, "--home", str(home),
                              "--data-dir", str(data_root)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def attempt_id() -> str | None:
+        with Ledger(home, create=False) as ledger:
+            rows = ledger.attempts(sid)
+        return rows[0].id if rows else None
+
     try:
+        aid = _wait_for(attempt_id, timeout=120)
         name = _wait_for(lambda: next((str(c.name) for c in docker_client.containers.list(
-            filters={"name": "harness-", "status": "running"}) if sid in str(c.name)), None),
-            timeout=300)
+            filters={"name": f"harness-{aid}-", "status": "running"})), None), timeout=300)
         proc.kill()  # SIGKILL: the harness cannot stop or remove its container
         proc.wait(30)
         assert docker_client.containers.get(name).status == "running"
