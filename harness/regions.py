@@ -162,7 +162,7 @@ class EditSession:
     exact.
 
     view() convention: one header line
-        [Current file: custom_pretrain.py | editable: 38–115, 168–168 | total: 808 lines]
+        [Current file: custom_pretrain.py | editable: 38–115, 168–168 | total: 810 lines]
     then one line per file line: the number right-aligned (width 4 or more), then
     " ▸ " for an editable line (inside a region's content) or " | " for a frozen line
     (marker lines included), then the line itself:

@@ -772,6 +772,8 @@ def main(argv):
                                if device_type == "cuda" else None),
         })
     if ddp:
+        # Together: a rank that tears gloo down while another still writes can abort at exit.
+        dist.barrier()
         dist.destroy_process_group()
 
 
