@@ -72,7 +72,6 @@ class Pool:
     name: str
     slots: tuple[str, ...]
     poll_s: float = POLL_S
-    _held: list[IO[bytes]] = field(default_factory=list, repr=False)
 
     @property
     def dir(self) -> Path:
@@ -122,7 +121,7 @@ class Pool:
                 _release(f)
 
     def holders(self) -> dict[str, dict[str, Any]]:
-        """slot -> what its holder wrote, for the slots held now (`harness leases`)."""
+        """slot -> what its holder wrote, for the slots held now."""
         out = {}
         for slot in self.slots:
             path = self.dir / f"{slot}.lock"
