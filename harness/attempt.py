@@ -161,7 +161,8 @@ def runtime(spec: StageSpec, attempt: Attempt, scale: ScaleSpec, *,
     elif gpus is None:
         gpus = scale.nproc_per_node
     return replace(spec, mounts=mounts, gpus=gpus, procs=procs, cancel_file=attempt.cancel_file,
-                   job_name=f"harness-{attempt.id}-{spec.name}")
+                   job_name=f"harness-{attempt.id}-{spec.name}",
+                   memory_peak_gb=scale.peak_memory_gb)
 
 
 def scratch_env(stage_dir: Path) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -91,6 +92,10 @@ class ScaleSpec:
     # Seeds a session's final submission is run at (the test itself is the first); None:
     # the task's `final_seeds`.
     final_seeds: int | None = None
+    # The template's own measured peak memory of one stage at this scale, in GiB (host RAM,
+    # all its processes; docs/security.md names the measurement). 0: not measured, and then
+    # no out-of-memory kill is charged (harness/runners/memory.py).
+    peak_memory_gb: float = 0.0
 
     def cli_args(self) -> list[str]:
         """The scale's config as the template's --name=value arguments."""
@@ -217,7 +222,7 @@ def _parse_scale(path: Path, data: dict[str, Any]) -> ScaleSpec:
     top.reject_unknown({"scale", "config"})
     s = _Reader(top.get("scale", dict), f"{path} [scale]")
     s.reject_unknown({"name", "description", "device", "nproc_per_node", "dataset", "stages",
-                      "timeout_s", "stall_timeout_s", "final_seeds"})
+                      "timeout_s", "stall_timeout_s", "final_seeds", "peak_memory_gb"})
     name = s.get("name", str)
     if name != path.stem:
         raise UserError(f"scale name {name!r} differs from the file name {path.stem!r}",
@@ -235,8 +240,17 @@ def _parse_scale(path: Path, data: dict[str, Any]) -> ScaleSpec:
         nproc_per_node=s.get("nproc_per_node", int), dataset=s.get("dataset", str),
         stages=tuple(s.get("stages", list)), timeout_s=s.get("timeout_s", int),
         config=dict(config), path=path, stall_timeout_s=s.get("stall_timeout_s", int, 0),
-        final_seeds=_seed_count(s, None),
+        final_seeds=_seed_count(s, None), peak_memory_gb=_peak_memory(s),
     )
+
+
+def _peak_memory(r: _Reader) -> float:
+    peak = float(r.get("peak_memory_gb", (int, float), 0.0))
+    if not math.isfinite(peak) or peak < 0:
+        raise UserError(f"peak_memory_gb = {peak}: a measured peak is a positive number of GiB",
+                        where=r.where, fix="set it from a measurement, or leave it out (0: not "
+                                           "measured, no out-of-memory kill is charged)")
+    return peak
 
 
 def _seed_count(r: _Reader, default: int | None) -> int | None:

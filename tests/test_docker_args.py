@@ -114,7 +114,11 @@ def test_container_args_policy(monkeypatch: pytest.MonkeyPatch) -> None:
                NCCL_NVLS_ENABLE="0", LANG="C.UTF-8")
     spec = _awkward_spec(Path("/srv/bench"), 0)
     args = container_args(spec, SETTINGS, uid_gid="1000:1000")
-    assert args["command"] == ["python3", *spec.argv[1:]]
+    # The stage's command, run by the memory watcher, which reports into the one writable
+    # mount (the stage's output folder) whether an OOM kill was at the stage's own limit.
+    out = next(m.target for m in spec.mounts if m.writable)
+    assert args["command"] == ["python3", "-m", "harness.runtime.memwatch",
+                               f"{out}/memory.json", "--", "python3", *spec.argv[1:]]
     assert args["working_dir"] == str(spec.cwd)
     assert (args["network_mode"], args["read_only"], args["cap_drop"], args["security_opt"]) == \
         ("none", True, ["ALL"], ["no-new-privileges"])
@@ -215,9 +219,14 @@ def test_a_running_container_has_not_ended(status: str) -> None:
     (_state(code=0), {}, 0, None),
     (_state(code=1), {}, 1, None),  # the submission's own failure
     (_state(code=137, oom=True), {}, 137,
-     "killed by the out-of-memory killer (memory limit 16g)"),
-    (_state(code=1, oom=True), {}, 1,  # one rank OOM-killed, torchrun exits 1
-     "killed by the out-of-memory killer (memory limit 16g)"),
+     "killed by the out-of-memory killer (memory limit 16g); the stage's memory report is "
+     "missing, so nothing shows it reached its limit"),
+    (_state(code=1, oom=True), {"report": {"limit_reached": False, "peak_bytes": 2**30}}, 1,
+     "killed by the out-of-memory killer below its memory limit of 16g, peak 1.00 GiB: the "
+     "machine ran out of memory, not the stage"),
+    (_state(code=1, oom=True), {"report": {"limit_reached": True}}, 1,
+     "killed at its memory limit of 16g, but this scale has no measured peak (peak_memory_gb), "
+     "so the limit may be too low for the template itself: not charged"),
     (_state(code=137), {}, 137, "container killed from outside the harness (exit code 137: "
                                 "SIGKILL)"),
     (_state(code=143), {}, 143, "container killed from outside the harness (exit code 143: "
@@ -236,6 +245,24 @@ def test_exit_classification(state: dict[str, Any], kw: dict[str, Any], code: in
     assert end is not None
     assert (end.returncode, end.infra) == (code, infra)
     assert end.info["exit_code"] == code and end.info["oom_killed"] == state["OOMKilled"]
+
+
+def test_an_oom_kill_at_the_stages_own_vetted_limit_is_charged(tmp_path: Path) -> None:
+    # The watcher saw the container's own limit reached, and the scale has a measured peak
+    # the limit was vetted against: the submission asked for more than it was given.
+    (tmp_path / "error_rank1.json").write_text(json.dumps(
+        {"kind": "submission", "message": "RuntimeError: Connection reset by peer"}))
+    report = {"cgroup": "v1", "limit_reached": True, "peak_bytes": 8 * 2**30, "oom_kills": 1}
+    end = classify_exit(_state(code=1, oom=True), memory="8g", report=report, peak_gb=1.5)
+    assert end is not None and end.infra is None
+    assert end.over_limit == ("the stage outgrew its memory limit of 8g, peak 8.00 GiB; the "
+                              "template's own measured peak at this scale is 1.5 GiB")
+    assert end.info["memory"] == report
+    run = StageRun(end.returncode, True, False, 1.0, tmp_path / "o", tmp_path / "e",
+                   over_limit=end.over_limit)
+    got = pretrain.collect(run, tmp_path)
+    assert got.status is Status.FAILED_SUBMISSION
+    assert got.reason == f"out of memory: {end.over_limit}"
 
 
 def test_an_oom_kill_is_never_charged(tmp_path: Path) -> None:
@@ -265,6 +292,9 @@ class FakeContainer:
         if self.client.start_error:
             raise docker.errors.APIError("500", explanation=self.client.start_error)
         self.attrs["State"] = _state("running")
+        if self.client.report is not None:  # as the memory watcher writes it, where told to
+            command = self.args["command"]
+            Path(command[command.index("--") - 1]).write_text(json.dumps(self.client.report))
 
     def reload(self) -> None:
         if self.client.gone:
@@ -299,9 +329,10 @@ class FakeImage:
 
 class FakeClient:
     def __init__(self, *, image: bool = True, start_error: str = "",
-                 final: dict[str, Any] | None = None, events: list[dict[str, Any]] | None = None
-                 ) -> None:
+                 final: dict[str, Any] | None = None, events: list[dict[str, Any]] | None = None,
+                 report: dict[str, Any] | None = None, mem_total: int = 0) -> None:
         self.image, self.start_error = image, start_error
+        self.report, self.mem_total = report, mem_total
         self.final = final or _state(code=0)
         self.gone = False
         self.event_list = events or []
@@ -325,7 +356,7 @@ class FakeClient:
         return True
 
     def info(self) -> dict[str, Any]:
-        return {"NCPU": 2}
+        return {"NCPU": 2, "MemTotal": self.mem_total or 64 * 2**30}
 
     def events(self, **kw: Any) -> Any:
         return iter(self.event_list)
@@ -439,3 +470,58 @@ def test_a_broken_image_is_refused_before_the_stage_starts(tmp_path: Path,
     assert good.run(_stage(tmp_path / "a")).returncode == 0
     assert good.run(_stage(tmp_path / "b")).returncode == 0
     assert checked == [("broken:1", False), ("good:1", False)]
+
+
+# --- the memory policy through the runner -------------------------------------------------
+
+AT_LIMIT = {"cgroup": "v1", "limit_bytes": 4 * 2**30, "peak_bytes": 4 * 2**30, "oom_kills": 1,
+            "limit_reached": True}
+
+
+def test_an_oom_at_the_vetted_limit_reaches_the_stage_as_over_limit(tmp_path: Path) -> None:
+    client = FakeClient(final=_state(code=137, oom=True), report=AT_LIMIT)
+    runner = DockerRunner(DockerSettings(memory="4g"), client=client, verify_image=False)
+    runner.poll_s = 0.01
+    run = runner.run(replace(_stage(tmp_path), memory_peak_gb=1.5))
+    assert run.infra is None
+    assert run.over_limit == ("the stage outgrew its memory limit of 4g, peak 4.00 GiB; the "
+                              "template's own measured peak at this scale is 1.5 GiB")
+    assert run.info["memory"] == AT_LIMIT
+    assert pretrain.collect(run, tmp_path / "out").status is Status.FAILED_SUBMISSION
+
+
+def test_a_report_left_by_an_earlier_launch_is_not_evidence(tmp_path: Path) -> None:
+    # A resumed stage reuses its folder: the first launch's report must not judge the second.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "memory.json").write_text(json.dumps(AT_LIMIT))
+    client = FakeClient(final=_state(code=137, oom=True))
+    runner = DockerRunner(DockerSettings(memory="4g"), client=client, verify_image=False)
+    runner.poll_s = 0.01
+    run = runner.run(replace(_stage(tmp_path), memory_peak_gb=1.5))
+    assert run.over_limit is None
+    assert "memory report is missing" in (run.infra or "")
+    assert pretrain.collect(run, out).status is Status.FAILED_INFRA
+
+
+def test_a_limit_below_the_templates_own_need_never_starts(tmp_path: Path) -> None:
+    client = FakeClient()
+    runner = DockerRunner(DockerSettings(memory="2g"), client=client, verify_image=False)
+    run = runner.run(replace(_stage(tmp_path), memory_peak_gb=1.5))
+    assert not run.started and not client.created
+    assert run.error == ("[runner.docker] memory = 2.00 GiB is below 1.5 x the template's own "
+                         "measured peak of 1.5 GiB per stage at this scale (2.25 GiB): raise "
+                         "it, or an out-of-memory kill could be the template's and not the "
+                         "submission's")
+    assert pretrain.collect(run, tmp_path / "out").status is Status.FAILED_INFRA
+
+
+def test_a_limit_at_the_machines_memory_is_capped_below_it(tmp_path: Path) -> None:
+    client = FakeClient(mem_total=8 * 2**30)
+    runner = DockerRunner(DockerSettings(memory="16g"), client=client, verify_image=False)
+    runner.poll_s = 0.01
+    run = runner.run(_stage(tmp_path))
+    assert run.started
+    capped = f"{int(8 * 2**30 * 0.9) // 2**20}m"
+    assert client.created[0].args["mem_limit"] == capped
+    assert run.info["limits"]["memory"] == capped

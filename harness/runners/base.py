@@ -66,6 +66,10 @@ class StageSpec:
     # Open descriptors a stage process on this host inherits: its lease's locks, so that
     # the slots stay taken while it lives, even if the harness dies first.
     inherit_fds: tuple[int, ...] = ()
+    # The template's own measured peak memory for one stage at this scale (the scale's
+    # `peak_memory_gb`), 0: not measured. Only against a measured peak is a stage that outgrew
+    # its memory limit judged the submission's (harness/runners/memory.py).
+    memory_peak_gb: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,8 @@ class StageRun:
     stderr: Path
     error: str | None = None  # why it could not start
     infra: str | None = None  # a failure of ours the runner saw (OOM-kill, node failure...)
+    # The stage outgrew the memory limit it was given (the submission's, charged).
+    over_limit: str | None = None
     cancelled: bool = False
     info: dict[str, Any] = field(default_factory=dict)  # job id, image digest, node...
 
@@ -110,6 +116,7 @@ class Exit:
     returncode: int | None
     infra: str | None = None  # set when the end was not the stage's doing
     info: dict[str, Any] = field(default_factory=dict)
+    over_limit: str | None = None  # killed for outgrowing its own memory limit
 
 
 class StagedRunner(ABC):
@@ -174,8 +181,10 @@ class StagedRunner(ABC):
         self.cleanup(job)
         # Our own kill is not "killed from outside": the watchdog and the cancel decide.
         infra = None if (timed_out or cancelled) else stalled or end.infra
+        over = None if (timed_out or cancelled or stalled) else end.over_limit
         return StageRun(end.returncode, True, timed_out, time.monotonic() - t0, out, err,
-                        infra=infra, cancelled=cancelled, info={**job.info, **end.info})
+                        infra=infra, over_limit=over, cancelled=cancelled,
+                        info={**job.info, **end.info})
 
 
 def stall(spec: StageSpec, job: Job) -> str | None:

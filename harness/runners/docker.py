@@ -9,9 +9,10 @@ CPUs, processes and /dev/shm.
 
 `container_args` is a pure function from a stage to the exact keyword arguments of
 `client.containers.create(...)`, so a golden file pins them (tests/golden/). `classify_exit`
-is pure too: a container's State dict in, an Exit out, with the failures that are ours (the
-OOM killer, a kill from outside the harness, a container that vanished) marked `infra`, which
-the ledger refunds.
+is pure too: a container's State dict in, an Exit out, with the failures that are ours (an
+OOM kill the stage's memory watcher does not show at its own vetted limit, a kill from outside
+the harness, a container that vanished) marked `infra`, which the ledger refunds, and an OOM
+kill at the stage's own limit marked `over_limit`, which is charged (harness/runners/memory.py).
 """
 
 from __future__ import annotations
@@ -34,9 +35,13 @@ from harness.errors import InfraError
 from harness.runners.base import Exit, Job, Mount, RunnerError, StagedRunner, StageSpec
 from harness.runners.config import DockerSettings
 from harness.runners.local import container_env, scrubbed_env
+from harness.runners.memory import judge_kill, parse_size, vet_limit
+from harness.runtime.memwatch import MEMORY_FILE
 from harness.runtime.procs import outside_exit_code
 
 NOBODY = "65534:65534"
+# A limit at or above the machine's memory is capped to this share of it.
+HOST_SHARE = 0.9
 TMPFS = "rw,exec,nosuid,nodev,size=4g,mode=1777"  # exec: torch.compile loads .so from /tmp
 # Host values that mean nothing inside the image: the image's own PATH and library path stay,
 # HOME and TMPDIR point into the container's /tmp, GPUs are chosen by device request.
@@ -108,9 +113,16 @@ def container_args(spec: StageSpec, settings: DockerSettings, *, uid_gid: str,
                                                  capabilities=[["gpu"]]))
         else:
             device_requests.append(DeviceRequest(count=spec.gpus, capabilities=[["gpu"]]))
+    command = [settings.python, *spec.argv[1:]]
+    writable = [m for m in spec.mounts if m.writable]
+    if writable:
+        # The memory watcher reads the container's cgroup once the stage has ended: whether
+        # an OOM kill was the stage outgrowing its limit (runtime/memwatch.py).
+        command = [settings.python, "-m", "harness.runtime.memwatch",
+                   f"{writable[0].target}/{MEMORY_FILE}", "--", *command]
     return {
         "image": image or settings.image,
-        "command": [settings.python, *spec.argv[1:]],
+        "command": command,
         "name": container_name(spec, name_suffix),
         "working_dir": str(spec.cwd),
         "user": uid_gid,
@@ -141,10 +153,14 @@ def container_args(spec: StageSpec, settings: DockerSettings, *, uid_gid: str,
 
 
 def classify_exit(state: dict[str, Any], *, memory: str, killed_by_us: bool = False,
-                  outside_signal: str | None = None) -> Exit | None:
+                  outside_signal: str | None = None, report: dict[str, Any] | None = None,
+                  peak_gb: float = 0.0) -> Exit | None:
     """How a container ended, from its State (`docker inspect`): None while it runs.
 
     outside_signal: a kill the daemon recorded that we did not send (its events), if any.
+    report: the stage's memory report (runtime/memwatch.py), None when it wrote none;
+    peak_gb: the scale's measured peak. Together they tell an OOM kill at the stage's own
+    limit (the submission's) from one of the machine (ours): harness/runners/memory.py.
     """
     status = str(state.get("Status", ""))
     if status in RUNNING:
@@ -157,12 +173,14 @@ def classify_exit(state: dict[str, Any], *, memory: str, killed_by_us: bool = Fa
                             "finished_at": state.get("FinishedAt")}
     if error:
         info["docker_error"] = error
+    if report is not None:
+        info["memory"] = report
     if status == "dead":
         return Exit(returncode, infra=f"the container died inside Docker ({error or 'dead'})",
                     info=info)
     if oom:
-        return Exit(returncode, infra=f"killed by the out-of-memory killer (memory limit "
-                                      f"{memory})", info=info)
+        over, infra = judge_kill(limit_text=memory, peak_gb=peak_gb, report=report)
+        return Exit(returncode, infra=infra, over_limit=over, info=info)
     if error:
         return Exit(returncode, infra=f"Docker reported an error: {error}", info=info)
     if killed_by_us:
@@ -175,6 +193,24 @@ def classify_exit(state: dict[str, Any], *, memory: str, killed_by_us: bool = Fa
         return Exit(returncode, infra=f"container killed from outside the harness "
                                       f"(exit code {returncode}: {outside})", info=info)
     return Exit(returncode, info=info)
+
+
+def _memory_file(spec: StageSpec) -> Path | None:
+    writable = [m for m in spec.mounts if m.writable]
+    return writable[0].source / MEMORY_FILE if writable else None
+
+
+def _memory_report(spec: StageSpec) -> dict[str, Any] | None:
+    """The stage's memory watcher's report on the host, None when there is none (the watcher
+    was killed too, or the stage has no writable folder)."""
+    path = _memory_file(spec)
+    if path is None:
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def invoking_user(settings: DockerSettings) -> str:
@@ -240,6 +276,7 @@ class _Container:
     stdout: Path
     stderr: Path
     since: int  # unix seconds before creation: where its events start
+    spec: StageSpec
     followers: list[threading.Thread] = field(default_factory=list)
     complete: dict[str, bool] = field(default_factory=dict)
     killed_by_us: bool = False
@@ -335,6 +372,26 @@ class DockerRunner(StagedRunner):
         if ncpu and self.settings.cpus > ncpu:
             # Docker refuses a CPU limit above the host's count; the host's count is the cap.
             self.settings = replace(self.settings, cpus=float(ncpu))
+        self._vet_memory(spec, client)
+
+    def _vet_memory(self, spec: StageSpec, client: Any) -> None:
+        """The stage's memory limit, below the machine's and above the template's own need:
+        an OOM kill inside it is then the submission's (harness/runners/memory.py)."""
+        try:
+            limit = parse_size(self.settings.memory)
+        except ValueError as e:
+            raise RunnerError(f"[runner.docker] memory: {e}") from None
+        try:
+            total = int(client.info().get("MemTotal") or 0)
+        except Exception:
+            total = 0
+        if total and limit >= total:
+            # At or above the machine's memory, the machine runs out first: cap it below.
+            capped = int(total * HOST_SHARE) // 2**20
+            self.settings = replace(self.settings, memory=f"{capped}m")
+            limit = capped * 2**20
+        vet_limit(limit, spec.memory_peak_gb, setting="[runner.docker] memory",
+                  scale_hint=" at this scale")
 
     # -- launch / poll / kill / cleanup --
 
@@ -342,6 +399,9 @@ class DockerRunner(StagedRunner):
         import docker.errors
 
         client = self.client()
+        stale = _memory_file(spec)
+        if stale is not None:  # a report of an earlier launch in this folder says nothing now
+            stale.unlink(missing_ok=True)
         image = self.image_info()
         user = invoking_user(self.settings)
         try:
@@ -364,7 +424,7 @@ class DockerRunner(StagedRunner):
                 with contextlib.suppress(Exception):
                     container.remove(force=True)
             raise RunnerError(f"container could not start: {_daemon_error(e)}") from e
-        run = _Container(container, out, err, since)
+        run = _Container(container, out, err, since, spec)
         self._running[container.id] = run
         for key, path in (("stdout", out), ("stderr", err)):
             thread = threading.Thread(target=self._follow, args=(run, key, path), daemon=True,
@@ -426,8 +486,10 @@ class DockerRunner(StagedRunner):
 
     def _ended(self, run: _Container, state: dict[str, Any]) -> Exit | None:
         outside = None if state.get("Status") in RUNNING else self._outside_signal(run)
+        report = None if state.get("Status") in RUNNING else _memory_report(run.spec)
         end = classify_exit(state, memory=self.settings.memory, killed_by_us=run.killed_by_us,
-                            outside_signal=outside)
+                            outside_signal=outside, report=report,
+                            peak_gb=run.spec.memory_peak_gb)
         if end is not None:
             self._write_logs(run)
         return end

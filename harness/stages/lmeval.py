@@ -139,6 +139,8 @@ def _failure(out_dir: Path, run: StageRun) -> StageOutcome | None:
         return outcome(Status.FAILED_INFRA, run.error or "lm-eval stage did not start")
     if run.cancelled:
         return outcome(Status.CANCELLED, "lm-eval: cancelled through the harness")
+    if run.over_limit:
+        return outcome(Status.FAILED_SUBMISSION, f"lm-eval: out of memory: {run.over_limit}")
     if run.infra:
         return outcome(Status.FAILED_INFRA, f"lm-eval: {run.infra}")
     error = _read_json(out_dir / ERROR_FILE)

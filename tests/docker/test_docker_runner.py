@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -155,14 +156,33 @@ def test_a_stage_writes_only_its_output_folder(tmp_path: Path, settings: DockerS
     assert (out / "x").read_text() == "x"
 
 
-def test_the_oom_killer_is_infra(tmp_path: Path, image: str) -> None:
-    code = ("import pathlib, sys\npathlib.Path(sys.argv[1], 'started').touch()\n"
-            "hog = [bytearray(50 * 2**20) for _ in range(60)]\n")
-    spec, _, out, _ = _stage(tmp_path, code)
+HOG = ("import pathlib, sys\npathlib.Path(sys.argv[1], 'started').touch()\n"
+       "hog = [bytearray(50 * 2**20) for _ in range(60)]\n")
+
+
+def test_an_oom_kill_at_a_vetted_limit_is_the_submissions(tmp_path: Path, image: str) -> None:
+    # A limit of 256m against a measured peak of 0.1 GiB (1.5 x 0.1 = 154 MiB fits): the
+    # watcher in the container sees its own limit reached, so the submission is charged.
+    spec, _, out, _ = _stage(tmp_path, HOG)
+    run = DockerRunner(DockerSettings(image=image, memory="256m")).run(
+        replace(spec, memory_peak_gb=0.1))
+    assert (out / "started").exists()
+    assert run.infra is None and run.info["oom_killed"] is True
+    report = run.info["memory"]
+    assert report["limit_reached"] is True and report["limit_bytes"] == 256 * 2**20
+    assert report["oom_kills"] >= 1
+    assert (run.over_limit or "").startswith("the stage outgrew its memory limit of 256m, peak ")
+    got = pretrain.collect(run, out)
+    assert got.status is Status.FAILED_SUBMISSION and got.reason.startswith("out of memory: ")
+
+
+def test_an_oom_kill_without_a_measured_peak_is_infra(tmp_path: Path, image: str) -> None:
+    spec, _, out, _ = _stage(tmp_path, HOG)
     run = DockerRunner(DockerSettings(image=image, memory="256m")).run(spec)
     assert (out / "started").exists()
-    assert run.infra == "killed by the out-of-memory killer (memory limit 256m)"
-    assert run.info["oom_killed"] is True
+    assert run.info["oom_killed"] is True and run.over_limit is None
+    assert (run.infra or "").startswith("killed at its memory limit of 256m, peak ")
+    assert "no measured peak" in (run.infra or "")
     assert pretrain.collect(run, out).status is Status.FAILED_INFRA
 
 
