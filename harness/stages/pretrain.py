@@ -6,6 +6,7 @@ import json
 import math
 import re
 import shutil
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -16,6 +17,7 @@ from harness.record import Status
 from harness.runners.base import StageRun, StageSpec
 from harness.runtime.fileio import sha256_file
 from harness.runtime.launch import LAUNCH_FILE
+from harness.runtime.memwatch import MEMORY_FILE
 from harness.runtime.procs import outside_signal
 from harness.stages.base import StageContext, StageOutcome, Unresumable, outcome
 from harness.task import ScaleSpec, TaskSpec
@@ -35,7 +37,7 @@ METRICS_LOG = "metrics.jsonl"
 TRAIN_LOG = "train_log.jsonl"
 # The files one launch writes beside its outputs; a resumed launch starts without them.
 SEGMENT_FILES = ("stdout.log", "stderr.log", LAUNCH_FILE, "error_rank*.json",
-                 "guard_rank*.json", "violation_rank*.json")
+                 "guard_rank*.json", "violation_rank*.json", "final.json", MEMORY_FILE)
 # The least time limit a resumed launch gets, however little of the stage's is left: it
 # must get through start-up and the checkpoint's load to make any progress.
 MIN_RESUME_TIMEOUT_S = 120.0
@@ -233,6 +235,36 @@ def killed_rank(out_dir: Path) -> str | None:
     return None
 
 
+def teardown_crash(out_dir: Path) -> str | None:
+    """Why the launch counts as having crashed after the run was complete, or None: the
+    template wrote final.json with every rank's checksum, then a rank died of a signal on its
+    way out (seen: SIGABRT from gloo's teardown under load). Ours, and resumed from the last
+    checkpoint, so that every rank's end-of-run checks run again."""
+    record = _read_json(out_dir / LAUNCH_FILE)
+    final = _read_json(out_dir / "final.json")
+    if not isinstance(record, dict) or not isinstance(record.get("failures"), dict) \
+            or not isinstance(final, dict):
+        return None
+    sums = final.get("rank_param_checksums")
+    if not isinstance(sums, list) or len(sums) != final.get("world_size"):
+        return None
+    failures = record["failures"].items()
+    codes: dict[str, int] = {rank: f["exitcode"] for rank, f in failures
+                             if isinstance(f, dict) and isinstance(f.get("exitcode"), int)}
+    if not codes or len(codes) != len(failures) or any(c >= 0 for c in codes.values()):
+        return None  # a rank that exited with a code of its own: not a teardown crash
+    ranks = ", ".join(f"rank {r} by {_signal_name(-c)}" for r, c in sorted(codes.items()))
+    return (f"the run was complete (final.json written) when a process died at teardown "
+            f"({ranks}): a crash of ours, resumed from the last checkpoint")
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def collect(run: StageRun, out_dir: Path, metrics: Sequence[str] = ()) -> StageOutcome:
     """The stage's outcome and its metrics (the task's metrics of this stage, from the
     final.json frozen code wrote); its record keeps the loss curve (and final.json, the
@@ -266,11 +298,15 @@ def _judge(run: StageRun, out_dir: Path, metrics: Sequence[str]) -> StageOutcome
     if blew_up:
         # The frozen watchdog saw the loss leave its bounds; the other ranks' ends follow.
         return outcome(Status.FAILED_SUBMISSION, str(blew_up[0].get("message")))
+    if run.over_limit:
+        # Before the ranks' error files: the survivors of a killed rank record collective
+        # errors; the kill itself is what ended the run.
+        return outcome(Status.FAILED_SUBMISSION, f"out of memory: {run.over_limit}")
     if run.infra:
         # Before the template's own error files: when the OOM killer or a node failure takes
         # one rank, the others record collective errors that are not the submission's fault.
         return outcome(Status.FAILED_INFRA, run.infra)
-    killed = killed_rank(out_dir)
+    killed = killed_rank(out_dir) or teardown_crash(out_dir)
     if killed:
         return outcome(Status.FAILED_INFRA, killed)
     ours = [e for e in errors if e.get("kind") in ("config", "data", "resume")]
