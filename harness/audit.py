@@ -295,11 +295,14 @@ def _read_from(path: Path, offset: int) -> bytes:
 # --- cancel --------------------------------------------------------------------------------
 
 
-def request_cancel(ref: str, *, home: Path | None = None) -> Path:
+def request_cancel(ref: str, *, home: Path | None = None) -> str:
     """Touch the cancel marker of a running attempt (its folder, or a session test by id or
     SESSION:N); the process running it stops the stage (any runner: its poll loop watches the
-    marker) and settles it as cancelled. The attempt's folder."""
+    marker) and settles it as cancelled. When that process is gone (its harness died), nothing
+    would ever read the marker: the attempt is settled now, as `harness recover` settles it
+    (its container or Slurm job stopped, ours, refunded). What was done, in a line."""
     attempt = Attempt(Path(ref))
+    row: AttemptRow | None = None
     if not attempt.has_record():
         with Ledger(home, create=False) as ledger:
             row = ledger.find_attempt(ref)
@@ -315,7 +318,22 @@ def request_cancel(ref: str, *, home: Path | None = None) -> Path:
     if status.finished:
         raise UserError(f"the attempt is {status}: nothing to cancel", where=str(attempt.root))
     attempt.cancel_file.touch()
-    return attempt.root
+    orphaned = _recover_orphan(row.id if row else attempt.root.name, home)
+    if orphaned is not None:
+        return f"its harness had died, so nothing would see the request: {orphaned.render()}"
+    return f"cancel requested: {attempt.root}"
+
+
+def _recover_orphan(attempt_id: str, home: Path | None) -> Recovered | None:
+    """Settle one attempt whose owner process is gone; None when it has an owner alive, or
+    no ledger row (a plain `harness run` folder: its owner is the terminal that runs it)."""
+    try:
+        with Ledger(home, create=False) as ledger:
+            found = recover(ledger, only=attempt_id)
+    except UserError:
+        return None
+    settled = [r for r in found if r.action == "settled"]
+    return settled[0] if settled else None
 
 
 # --- recover ---------------------------------------------------------------------------
@@ -375,10 +393,13 @@ def _settlement(attempt: Attempt | None, reason: str) -> Settlement:
                       attempt_dir=str(attempt.root) if attempt else None, result_sha256=sha)
 
 
-def recover(ledger: Ledger) -> list[Recovered]:
-    """Settle every in-progress attempt whose owner process is gone (see _settlement)."""
+def recover(ledger: Ledger, *, only: str | None = None) -> list[Recovered]:
+    """Settle every in-progress attempt whose owner process is gone (see _settlement);
+    only: that attempt id alone."""
     out = []
     for a in ledger.in_progress():
+        if only is not None and a.id != only:
+            continue
         state = owner_state(a.pid, a.host, a.start_token)
         if state != "gone":
             out.append(Recovered(a, state))

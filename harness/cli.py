@@ -833,7 +833,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     from harness.audit import request_cancel
 
-    print(f"cancel requested: {request_cancel(args.attempt, home=args.home)}")
+    print(request_cancel(args.attempt, home=args.home))
     return 0
 
 

@@ -613,8 +613,11 @@ def _charged_and_started(home: Path, sid: str) -> str | None:
 
 
 @pytest.mark.slow
-def test_a_killed_harness_is_recovered_as_a_refunded_infra_failure(home: Path,
-                                                                   smoke_data: Path) -> None:
+@pytest.mark.parametrize("command", ["recover", "cancel"])
+def test_a_killed_harness_is_recovered_as_a_refunded_infra_failure(home: Path, smoke_data: Path,
+                                                                   command: str) -> None:
+    # `harness cancel` of a test whose harness died: nothing would ever read the cancel
+    # marker, so cancel settles it as recover does.
     sid = cli("session", "start", "--agent", "victim", "--no-preflight",
               home=home).stdout.strip()
     proc = subprocess.Popen([PYTHON, "-m", "harness", "session", "test", sid, "--home",
@@ -628,10 +631,13 @@ def test_a_killed_harness_is_recovered_as_a_refunded_infra_failure(home: Path,
         proc.wait(timeout=30)
         # The stage runs in its own process group: it outlives the harness.
         assert processes_in(Path(attempt_dir))
-        out = cli("recover", home=home)
+        out = cli(*((command,) if command == "recover" else (command, f"{sid}:1")), home=home)
         assert out.returncode == 0, out.stderr
         assert re.search(r"settled: test #1 .*: failed_infra, refunded; killed \d+ orphaned",
                          out.stdout), out.stdout
+        if command == "cancel":
+            assert out.stdout.startswith("its harness had died, so nothing would see the "
+                                         "request: settled: ")
         with Ledger(home) as led:
             (a,) = led.attempts(sid)
             assert (a.status, a.charged, a.refunded) == ("failed_infra", True, True)
