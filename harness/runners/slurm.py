@@ -34,8 +34,9 @@ from harness.runners.apptainer import ApptainerRunner
 from harness.runners.base import Exit, Job, RunnerError, StagedRunner, StageRun, StageSpec
 from harness.runners.config import SlurmSettings
 from harness.runners.local import scrubbed_env
+from harness.runners.memory import parse_size, vet_limit
 from harness.runtime.fileio import atomic_write_text
-from harness.runtime.procs import OUTSIDE_SIGNALS
+from harness.runtime.procs import OUTSIDE_SIGNALS, kill_tagged
 
 SCRIPT_NAME = "job.sbatch"
 KILL_AFTER_S = 30  # `timeout --kill-after`: SIGKILL this long after the SIGTERM
@@ -55,6 +56,7 @@ NOT_EXPORTED = (*SLURM_GPU_ENV, "NVIDIA_VISIBLE_DEVICES")
 CLIENTS = ("sbatch", "sacct", "squeue", "scancel")
 SUBPROCESS_TIMEOUT_S = 60.0
 KILL_WAIT_S = 120.0  # after scancel (Slurm's KillWait is 30 s by default), then SIGKILL --full
+LEFTOVER_KILL_S = 10.0  # cleanup: for the job's escaped processes on this host to die
 _SAFE = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _JOB_ID = re.compile(r"\d+(_\d+)?")
@@ -71,6 +73,7 @@ INFRA_STATES = {
     "NODE_FAIL": "was ended by a failure of node {node} (NODE_FAIL)",
     "BOOT_FAIL": "could not start: node {node} failed to boot (BOOT_FAIL)",
     "PREEMPTED": "was preempted by the scheduler for another job (PREEMPTED)",
+    # Without a --mem of ours vetted against a measured peak, the limit was not ours to judge.
     "OUT_OF_MEMORY": "was killed by the out-of-memory killer on node {node} (OUT_OF_MEMORY)",
     "DEADLINE": "reached its deadline before it could run to the end (DEADLINE)",
     "CANCELLED": "was cancelled outside the harness ({detail}: scancel by an operator or the "
@@ -229,7 +232,8 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-def classify(st: JobState, *, time_limit: str = "", margin_s: int = 0) -> Exit:
+def classify(st: JobState, *, time_limit: str = "", margin_s: int = 0, mem: str = "",
+             peak_gb: float = 0.0) -> Exit:
     """How a finished job ended, as the stages read it. COMPLETED and FAILED are the stage's
     (its exit code, or the signal as a negative code like Popen's); the `timeout` exits mean
     the stage's time limit (info["job_timeout"], which SlurmRunner.run turns into timed_out);
@@ -240,6 +244,12 @@ def classify(st: JobState, *, time_limit: str = "", margin_s: int = 0) -> Exit:
         info["node"] = st.node
     rc = -st.signal if st.signal else st.exit_code
     head = f"Slurm job {st.job_id}"
+    if st.state == "OUT_OF_MEMORY" and mem and peak_gb > 0:
+        # Slurm's cgroup saw the job outgrow the --mem we asked for, a limit vetted against
+        # the template's measured peak: the submission's (harness/runners/memory.py).
+        return Exit(rc, over_limit=f"{head} outgrew its memory limit (--mem={mem}) on node "
+                                   f"{st.node or '?'} (OUT_OF_MEMORY); the template's own "
+                                   f"measured peak at this scale is {peak_gb:g} GiB", info=info)
     if st.state in INFRA_STATES:
         text = INFRA_STATES[st.state].format(node=st.node or "?", detail=st.detail or st.state,
                                              time=time_limit or "?", margin=margin_s)
@@ -533,6 +543,13 @@ class SlurmRunner(StagedRunner):
             raise RunnerError(f"Slurm's {', '.join(missing)} not on PATH: the slurm runner "
                               f"submits with sbatch and follows jobs with sacct/squeue; run it "
                               f"on a submit host, or choose another runner (--runner local)")
+        if self.settings.mem:
+            try:
+                limit = parse_size(self.settings.mem, default_unit="m")
+            except ValueError as e:
+                raise RunnerError(f"[runner.slurm] mem: {e}") from None
+            vet_limit(limit, spec.memory_peak_gb, setting="[runner.slurm] mem",
+                      scale_hint=" at this scale")
         if self.wrap is not None:
             self.wrap.prepare(spec)  # the image must exist before anything is submitted
 
@@ -590,7 +607,8 @@ class SlurmRunner(StagedRunner):
 
     def _classify(self, job: Job, st: JobState) -> Exit:
         limit = slurm_time(math.ceil(job.spec.timeout_s) + self.settings.time_margin_s)
-        return classify(st, time_limit=limit, margin_s=self.settings.time_margin_s)
+        return classify(st, time_limit=limit, margin_s=self.settings.time_margin_s,
+                        mem=self.settings.mem, peak_gb=job.spec.memory_peak_gb)
 
     def kill(self, job: Job) -> Exit:
         """scancel, then wait until the job has ended and left the queue: its accounting or
@@ -614,6 +632,13 @@ class SlurmRunner(StagedRunner):
         # The script stays next to the logs: it is the record of what was submitted.
         self.poller.forget(job.handle)
         self._launched.pop(job.handle, None)
+        # Slurm ends a job's processes through its process tracking, and proctrack/linuxproc
+        # (a parent-pid tree) loses a rank whose torchrun was killed: reparented to init, it
+        # trains on after the job ended, into an attempt whose record is being closed or
+        # resumed (tests/slurm/test_slurm_faults.py). The job's processes on this host carry
+        # its id: SIGKILL what is left of them (none on a submit host that runs no jobs).
+        with contextlib.suppress(Exception):
+            kill_tagged(job.handle, var="SLURM_JOB_ID", wait_s=LEFTOVER_KILL_S)
 
     def run(self, spec: StageSpec) -> StageRun:
         got = super().run(spec)

@@ -25,23 +25,13 @@ from harness.runners.base import StageSpec
 from harness.runners.config import SlurmSettings
 from harness.runners.slurm import SlurmPoller, SlurmRunner
 from tests.conftest import PYTHON, REPO, wait_for
+from tests.slurm.conftest import sh as _sh
 
 pytestmark = pytest.mark.slurm
 
 GOOD = (REPO / "tests" / "data" / "seed001_per_tensor.py").read_text()
 FAST = SlurmSettings(poll_s=0.25, max_poll_s=1.0, time_margin_s=120)
 HOST = socket.gethostname().split(".")[0]
-
-
-def _sh(*argv: str) -> str:
-    return subprocess.run(argv, capture_output=True, text=True, check=False).stdout
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cluster() -> None:
-    states = _sh("sinfo", "-h", "-o", "%t")
-    assert re.search(r"idle|mix|alloc", states), (
-        f"no usable Slurm node (sinfo: {states!r}): run scripts/ci_slurm.sh")
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +41,6 @@ def smoke_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("data")
     prepare_smoke(root / "smoke")
     return root
-
-
-@pytest.fixture(scope="module")
-def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("config") / "harness.toml"
-    path.write_text('[runner]\nkind = "slurm"\n\n[runner.slurm]\npoll_s = 0.25\n'
-                    'max_poll_s = 1.0\ntime_margin_s = 120\n')
-    return path
 
 
 @pytest.fixture
