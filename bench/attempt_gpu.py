@@ -8,7 +8,15 @@ and prints tokens/s from the template's own train_log.jsonl.
 
     python bench/attempt_gpu.py --scale gpt-345m --iters 40 --submission baselines/binary_sign
 
-Needs as many CUDA GPUs as the scale's nproc_per_node.
+Needs as many CUDA GPUs as the scale's nproc_per_node (or --nproc).
+
+`--audit-cost N` first times the in-run low-bit audit itself, in this process, on the real
+model of the scale (uncompiled, as the guard audits it, bf16 autocast) and a batch of the
+scale's own micro-batch (not --micro-batch's): the audit as it was before issue #24 (one row,
+train() and eval(), the level count on the CPU), the same counted on the GPU, the current
+audit (a train() window of random rows and length, an eval() one, eval() on the whole batch,
+counted on the GPU) N times, once with the count on the CPU, and the guard's per-iteration
+hook at a step it does not audit.
 """
 
 from __future__ import annotations
@@ -85,6 +93,92 @@ def eval_checks(paths: Any, data_dir: Path, task: Any, result: Any) -> dict[str,
             or "agrees"}
 
 
+def audit_cost(prepared: Any, scale: Any, repeats: int, device: str = "cuda") -> dict[str, Any]:
+    """Seconds and extra GPU memory of each way of auditing, on the scale's real model."""
+    import torch
+
+    try:
+        return _audit_cost(prepared, scale, repeats, device)
+    finally:
+        if device == "cuda":
+            torch.cuda.empty_cache()  # the attempt that follows gets the whole card
+
+
+def _audit_cost(prepared: Any, scale: Any, repeats: int, device: str) -> dict[str, Any]:
+    import contextlib
+    import random
+
+    import torch
+
+    from harness.runtime import preflight_lowbit
+    from harness.runtime.guard import Auditor
+    from harness.runtime.lowbit_audit import Plan, audit, draw_plan, whole
+    from harness.runtime.spliced import load_spliced
+
+    cfg = scale.config
+    with tempfile.TemporaryDirectory(prefix="audit-cost-") as tmp:
+        script = Path(tmp) / "custom_pretrain.py"
+        script.write_text(prepared.spliced)
+        module = load_spliced(script, "custom_pretrain_audit_cost")
+    torch.manual_seed(0)
+    model = module.GPT(module.GPTConfig(**{k: cfg.get(k, getattr(module, k)) for k in (
+        "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout", "bias")})).to(device)
+    rows, tokens = int(cfg["batch_size"]), int(cfg["block_size"])
+    idx = torch.randint(0, 50257, (rows, tokens), device=device)
+    cuda = device == "cuda"
+    # As the template runs: bf16 autocast on a GPU, float32 on the CPU.
+    ctx: Any = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if cuda \
+        else contextlib.nullcontext()
+    on_gpu = preflight_lowbit._sample_rows
+
+    def on_cpu(w: Any, seed: int = 0) -> Any:  # the count as it ran before issue #24
+        return on_gpu(w, seed).cpu()
+
+    def timed(plan: Plan, count_on_cpu: bool) -> dict[str, Any]:
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() if cuda else 0
+        with contextlib.ExitStack() as stack:
+            if count_on_cpu:
+                preflight_lowbit._sample_rows = on_cpu  # type: ignore[assignment]
+                stack.callback(setattr, preflight_lowbit, "_sample_rows", on_gpu)
+            t0 = time.monotonic()
+            record = audit(model, module.BitLinear, idx, None, where="bench", autocast=ctx,
+                           plan=plan)
+            if cuda:
+                torch.cuda.synchronize()
+            seconds = time.monotonic() - t0
+        peak = torch.cuda.max_memory_allocated() - base if cuda else float("nan")
+        return {"seconds": round(seconds, 3), "count_on": "cpu" if count_on_cpu else "device",
+                "extra_peak_gb": round(peak / 2**30, 2),
+                "passes": record.passes, "problems": len(record.problems),
+                "summary": record.summary}
+
+    with torch.no_grad(), ctx:  # CUDA and cuBLAS start-up, outside every timing
+        model(idx[:1, :16])
+    old = Plan((("train", whole(1, tokens)), ("eval", whole(1, tokens))), 0)
+    rng = random.SystemRandom()
+    out: dict[str, Any] = {"rows": rows, "tokens": tokens, "layers": None,
+                           "old_cpu": timed(old, True), "old_device": timed(old, False),
+                           "new_device": [timed(draw_plan(rng, rows, tokens), False)
+                                          for _ in range(repeats)]}
+    if cuda:
+        out["new_cpu"] = timed(draw_plan(rng, rows, tokens), True)
+    out["layers"] = sum(isinstance(m, module.BitLinear) for m in model.modules())
+    # The hook at a step that is neither an evaluation nor a spot audit: what every iteration pays.
+    module.max_iters, module.eval_interval = 13535, 1000
+    auditor = Auditor(module, "", None, Path(tempfile.gettempdir()))
+    auditor(model, idx, None, ctx, 0, False)  # draws the schedule (step 0 is never a spot)
+    quiet = next(s for s in range(1, 1000) if s not in (auditor.spots or []))
+    t0 = time.perf_counter()
+    for _ in range(10_000):
+        auditor(model, idx, None, ctx, quiet, False)
+    out["hook_noop_us"] = round((time.perf_counter() - t0) / 10_000 * 1e6, 3)
+    out["spots_drawn_full_run"] = len(auditor.spots or [])
+    return out
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scale", default="gpt-345m")
@@ -104,6 +198,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--micro-batch", type=int, default=None,
                    help="sequences per micro-batch instead of the scale's, with as many more "
                         "accumulation steps: the same iteration on a card of less memory")
+    p.add_argument("--audit-cost", type=int, default=0, metavar="N",
+                   help="first time the in-run low-bit audit on the scale's real model, old "
+                        "and current, N draws of the current one (see the module's doc)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="attempt-gpu-") as tmp:
         work = Path(tmp)
@@ -117,6 +214,10 @@ def main(argv: list[str]) -> int:
         (data / "synthetic").mkdir(parents=True)
         synthetic_data(data / "synthetic", 50_000_000)
         prepared = prepare(args.submission, task)
+        cost = None
+        if args.audit_cost:
+            cost = audit_cost(prepared, task.scale(args.scale), args.audit_cost)
+            print(json.dumps({"audit_cost": cost}, indent=2), flush=True)
         t0 = time.monotonic()
         result, paths = run_submission(prepared, task, scale, runs_dir=work / "runs", data=data,
                                        runner=LocalRunner())
@@ -148,7 +249,7 @@ def main(argv: list[str]) -> int:
         "tokens_per_s": round(tokens_per_iter / dt, 1), "attempt_wall_s": round(wall, 1),
         "pretrain_wall_s": record["stages"]["pretrain"]["wall_s"],
         "val_loss": result.metrics.get("val_loss"), "final": record["stages"]["pretrain"]["final"],
-        "audits": audits, "eval_checks": checks, "checkpoint": checkpoint,
+        "audits": audits, "audit_cost": cost, "eval_checks": checks, "checkpoint": checkpoint,
         "checkpoint_s": record["stages"]["pretrain"]["final"].get("checkpoint_s"),
     }
     print(json.dumps(summary, indent=2, default=str))

@@ -6,15 +6,22 @@ On every rank, before any submission code runs, it takes the table of torch func
 template relies on (integrity.TorchTable). It then imports the spliced file as a module (the
 region code runs; `main()` does not), checks that the frozen functions and the torch table are
 unmodified, installs the template's RUN_AUDIT hook and calls the template's own `run()`. The
-hook runs before every evaluation: the integrity check again, then the low-bit audit on the
-uncompiled model. Each audit is appended to AUDIT_FILE; a violation is recorded in
+template calls the hook at every iteration. Before every evaluation it runs the integrity
+check again, then the low-bit audit on the uncompiled model; at SPOT_AUDITS other steps, drawn
+in secret when the run starts, the low-bit audit alone ("spot audits"); at every other step it
+returns at once. What each audit forwards (rows, lengths, the weight rows counted) is drawn
+from the same secret source, random.SystemRandom: the operating system's, which the
+submission can neither read nor predict, and never torch's, whose streams the training run
+owns. Each audit is appended to the audit file; a violation is recorded in
 violation_rank<R>.json before the run is stopped, and the stage reads that file first.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
 import re
 import sys
 import traceback
@@ -27,6 +34,10 @@ from harness.runtime.fileio import atomic_write_json
 
 MODULE_NAME = "custom_pretrain"
 EXIT_VIOLATION = 3
+# Spot audits per rank over a whole run, at steps between evaluations drawn in secret; a
+# resumed launch does its share of the iterations left. Each costs one audit (about a second
+# at gpt-345m on one GPU, docs/security.md), and every rank draws its own steps.
+SPOT_AUDITS = 3
 
 
 def rank() -> str:
@@ -63,17 +74,41 @@ def resumed_at(args: list[str]) -> int:
     return 0
 
 
-class Auditor:
-    """The template's RUN_AUDIT: integrity, then the low-bit audit, before each evaluation."""
+def spot_steps(rng: random.Random, start: int, last: int, every: int,
+               count: int = SPOT_AUDITS) -> list[int]:
+    """Steps in [start, last) that are no evaluation's, for a launch starting at `start` of a
+    run of `last` iterations: `count` over a whole run, a share of them for a resumed one."""
+    between = [s for s in range(start, last) if s % every]
+    share = math.ceil(count * (last - start) / last) if last else 0
+    return sorted(rng.sample(between, min(share, len(between))))
 
-    def __init__(self, module: ModuleType, source: str, table: Any, out_dir: Path) -> None:
+
+class Auditor:
+    """The template's RUN_AUDIT, called at every iteration: integrity and the low-bit audit
+    before each evaluation, the low-bit audit alone at the secret spot steps."""
+
+    def __init__(self, module: ModuleType, source: str, table: Any, out_dir: Path,
+                 start: int = 0) -> None:
         self.module, self.source, self.table, self.out_dir = module, source, table, out_dir
-        self.steps: list[int] = []
+        self.start = start
+        self.random = random.SystemRandom()
+        self.steps: list[int] = []  # evaluations audited
+        self.spots: list[int] | None = None  # the secret schedule, drawn at the first call
+        self.spotted: list[int] = []  # spot audits done
 
     def __call__(self, model: Any, idx: Any, targets: Any,
-                 autocast: AbstractContextManager[Any], step: int) -> None:
+                 autocast: AbstractContextManager[Any], step: int,
+                 evaluation: bool = True) -> None:
+        if self.spots is None:
+            # The template's globals hold the run's settings by the first call.
+            self.spots = spot_steps(self.random, self.start, int(self.module.max_iters),
+                                    int(self.module.eval_interval))
+        if not evaluation:
+            if step in self.spots:
+                self.spotted.append(step)
+                self._audit(model, idx, autocast, step, f"step {step} (spot)")
+            return
         from harness.runtime.integrity import IntegrityError, verify
-        from harness.runtime.lowbit_audit import LowBitViolation, audit, require
 
         self.steps.append(step)
         try:
@@ -82,10 +117,19 @@ class Auditor:
         except IntegrityError as e:
             record_violation(self.out_dir, "integrity", str(e), step=step)
             raise
-        record = audit(model, self.module.BitLinear, idx, targets, where=f"step {step}",
-                       autocast=autocast)
+        self._audit(model, idx, autocast, step, f"step {step}")
+
+    def _audit(self, model: Any, idx: Any, autocast: AbstractContextManager[Any], step: int,
+               where: str) -> None:
+        from harness.runtime.lowbit_audit import LowBitViolation, audit, draw_plan, require
+
+        plan = draw_plan(self.random, int(idx.shape[0]), int(idx.shape[1]))
+        # Logits only: the loss is no BitLinear's, and the whole batch's would cost gigabytes.
+        record = audit(model, self.module.BitLinear, idx, None, where=where, autocast=autocast,
+                       plan=plan)
+        kind = "spot" if where.endswith("(spot)") else "evaluation"
         with audit_file(self.out_dir).open("a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, **record.as_dict()}) + "\n")
+            f.write(json.dumps({"step": step, "kind": kind, **record.as_dict()}) + "\n")
         try:
             require(record)
         except LowBitViolation as e:
@@ -125,10 +169,10 @@ def main(argv: list[str]) -> int:
         record_violation(out_dir, "integrity", str(e), step=None)
         print(f"rule violation: {e}", file=sys.stderr)
         return EXIT_VIOLATION
-    auditor = Auditor(module, source, table, out_dir)
+    auditor = Auditor(module, source, table, out_dir, resumed_at(args))
     setattr(module, "RUN_AUDIT", auditor)  # noqa: B010 (a template global, not an attribute mypy knows)
     module.run(args)
-    missed = skipped_audits(module, auditor, resumed_at(args))
+    missed = skipped_audits(module, auditor, auditor.start)
     if missed:
         record_violation(out_dir, "audit-skipped", missed, step=None)
         print(f"rule violation: {missed}", file=sys.stderr)
@@ -137,9 +181,10 @@ def main(argv: list[str]) -> int:
 
 
 def skipped_audits(module: ModuleType, auditor: Auditor, start: int = 0) -> str | None:
-    """Why the run was not audited at every evaluation from iteration `start` on, or None: a
-    run that unhooked the audit could have used float weights between pre-flight and the
-    checkpoint. A resumed launch's earlier evaluations were audited by the launches before."""
+    """Why the run was not audited at every evaluation and every spot step from iteration
+    `start` on, or None: a run that unhooked the audit could have used float weights between
+    pre-flight and the checkpoint. A resumed launch's earlier evaluations were audited by the
+    launches before."""
     if getattr(module, "RUN_AUDIT", None) is not auditor:
         return "the template's RUN_AUDIT hook was replaced during the run"
     last, every = int(module.max_iters), int(module.eval_interval)
@@ -147,6 +192,9 @@ def skipped_audits(module: ModuleType, auditor: Auditor, start: int = 0) -> str 
     if auditor.steps != expected:
         return (f"audited at steps {auditor.steps[:5]}, expected {expected[:5]} "
                 f"({len(auditor.steps)} of {len(expected)} evaluations)")
+    if auditor.spotted != (auditor.spots or []):
+        return (f"{len(auditor.spotted)} of {len(auditor.spots or [])} spot audits ran: the "
+                f"hook was not called at every iteration")
     return None
 
 

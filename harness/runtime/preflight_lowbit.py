@@ -46,8 +46,10 @@ LEVEL_RTOL = 1e-2
 # a group of 4 holds at most 4 values, float or not (a rank-4 adapter's rows, say).
 GROUP_SIZES = (128, 64, 32)
 MIN_GROUP = min(GROUP_SIZES)
-# Big operands are analysed on a fixed sample of rows: enough to count levels, and the
-# full-size lm_head has 50,304 of them.
+# Big operands are analysed on a sample of rows: enough to count levels, and the full-size
+# lm_head has 50,304 of them. The rows come from a seed: a fixed one in the pre-flight, a
+# secret one in the in-run and checkpoint audits (lowbit_audit.py), so that no submission can
+# keep float weights in rows it knows are never looked at.
 MAX_ROWS = 256
 
 
@@ -100,7 +102,7 @@ def _cluster_stats(groups: torch.Tensor) -> tuple[int, bool]:
     starts[:, 1:] = ordered.diff(dim=1) > LEVEL_RTOL
     levels = int(starts.sum(dim=1).max())
     # Single linkage chains a continuum into one "level": measure each level's width too.
-    where = torch.arange(ordered.shape[1]).expand_as(ordered)
+    where = torch.arange(ordered.shape[1], device=ordered.device).expand_as(ordered)
     first = torch.where(starts, where, torch.zeros_like(where)).cummax(dim=1).values
     width = ordered - ordered.gather(1, first)
     return levels, bool((width > 2 * LEVEL_RTOL).any())
@@ -203,14 +205,16 @@ def _as_weight(t: torch.Tensor, out_f: int, in_f: int) -> torch.Tensor | None:
     return None
 
 
-def _sample_rows(w: torch.Tensor) -> torch.Tensor:
-    """A float64 CPU copy of at most MAX_ROWS rows, the same rows for every call (the level
-    count runs on the CPU whatever device the model trains on)."""
+def _sample_rows(w: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A float64 copy of at most MAX_ROWS rows, drawn from `seed` (the same rows for every call
+    of one capture), on the operand's own device: on a GPU the level count is a few sorts
+    there, where on the CPU it cost seconds per audit. The generator is a private CPU one:
+    no global random stream moves."""
     w = w.detach()
     if w.shape[0] > MAX_ROWS:
-        pick = torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(0))
+        pick = torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(seed))
         w = w.index_select(0, pick[:MAX_ROWS].sort().values.to(w.device))
-    return w.to(device="cpu", dtype=torch.float64, copy=True)
+    return w.to(dtype=torch.float64, copy=True)
 
 
 def weight_shape(module: nn.Module) -> tuple[int, int]:
@@ -233,9 +237,10 @@ def _as_matrix(t: torch.Tensor) -> torch.Tensor:
 class MatmulCapture(TorchFunctionMode):
     """Records weight-side matmul operands per BitLinear, attributed with module hooks."""
 
-    def __init__(self, layers: dict[str, nn.Module]) -> None:
+    def __init__(self, layers: dict[str, nn.Module], row_seed: int = 0) -> None:
         super().__init__()
         self.layers = layers
+        self.row_seed = row_seed
         self.captured: dict[str, LayerCapture] = {name: LayerCapture() for name in layers}
         self._stack: list[str] = []
         self._from_input = _Taint()
@@ -302,13 +307,13 @@ class MatmulCapture(TorchFunctionMode):
             as_w = _as_weight(t, out_f, in_f)
             if as_w is None and (from_x or not from_params or _is_vector(t)):
                 continue  # vectors are biases and scales, added or broadcast, not contracted
-            values = _sample_rows(as_w if as_w is not None else _as_matrix(t))
+            values = _sample_rows(as_w if as_w is not None else _as_matrix(t), self.row_seed)
             cap.operands.append(Operand(func, tuple(t.shape), values, as_w is not None))
 
 
 @contextmanager
-def capturing(layers: dict[str, nn.Module]) -> Iterator[MatmulCapture]:
-    cap = MatmulCapture(layers)
+def capturing(layers: dict[str, nn.Module], row_seed: int = 0) -> Iterator[MatmulCapture]:
+    cap = MatmulCapture(layers, row_seed)
     cap.attach()
     try:
         with cap:
@@ -317,19 +322,38 @@ def capturing(layers: dict[str, nn.Module]) -> Iterator[MatmulCapture]:
         cap.detach()
 
 
+@dataclass(frozen=True)
+class Pass:
+    """One captured forward: the mode it runs in, what it is called in a verdict, and the call."""
+
+    mode: str  # "train" (with autograd) or "eval" (under no_grad)
+    label: str  # "train", or "eval on 3x41 tokens": where a problem was seen
+    forward: Callable[[], Any]
+
+
 def capture_modes(model: nn.Module, layers: dict[str, nn.Module], forward: Callable[[], Any],
                   autocast: AbstractContextManager[Any] | None = None) -> list[LayerVerdict]:
     """Each layer's verdict in train() and eval(), as the template runs them: training with
     autograd, evaluation under no_grad. `forward()` runs the model once; its mode is restored."""
+    return capture_passes(model, layers, [Pass("train", "train", forward),
+                                          Pass("eval", "eval", forward)], autocast)
+
+
+def capture_passes(model: nn.Module, layers: dict[str, nn.Module], passes: Sequence[Pass],
+                   autocast: AbstractContextManager[Any] | None = None,
+                   row_seed: int = 0) -> list[LayerVerdict]:
+    """Each layer's verdict in each pass, judged as soon as the pass ends (its operand copies
+    are freed before the next one). The model's mode is restored."""
     was_training = model.training
     verdicts: list[LayerVerdict] = []
     try:
-        for mode in ("train", "eval"):
-            model.train(mode == "train")
-            with capturing(layers) as cap, torch.set_grad_enabled(mode == "train"), \
+        for p in passes:
+            model.train(p.mode == "train")
+            with capturing(layers, row_seed) as cap, torch.set_grad_enabled(p.mode == "train"), \
                     (autocast if autocast is not None else nullcontext()):
-                forward()
-            verdicts += [judge(name, mode, c) for name, c in cap.captured.items()]
+                p.forward()
+            verdicts += [judge(name, p.label, c) for name, c in cap.captured.items()]
+            del cap
     finally:
         model.train(was_training)
     return verdicts

@@ -168,10 +168,13 @@ OVERRIDABLE = {"learning_rate", "min_lr", "warmup_iters", "weight_decay", "beta1
 CONFIG_OVERRIDES = {}
 # <<< EDITABLE REGION config_overrides <<<
 
-# Set by the harness's stage launcher (harness/guard.py), which imports this file, checks it
-# and calls run(): called on every rank before each evaluation with the uncompiled model and
-# this rank's batch; it raises to end the run when frozen or torch code was changed or a
-# matmul saw a full-precision weight. None when the file is run directly.
+# Set by the harness's stage launcher (harness/runtime/guard.py), which imports this file,
+# checks it and calls run(): called on every rank at every iteration with the uncompiled
+# model, this rank's next batch and whether an evaluation follows. It audits before each
+# evaluation and at a few steps between them that it draws in secret (elsewhere it returns at
+# once), and raises to end the run when frozen or torch code was changed or a matmul saw a
+# full-precision weight. An audit leaves the run as it was (random streams included). None
+# when the file is run directly.
 RUN_AUDIT = None
 
 
@@ -679,8 +682,9 @@ def main(argv):
     checkpoint_s = []
     for it in range(start_it, max_iters + 1):
         last = it == max_iters
+        evaluating = it % eval_interval == 0 or last
         if it > start_it and (last or (checkpoint_interval and it % checkpoint_interval == 0)):
-            # Before the evaluation: a resumed run redoes it, the audit's randomness included.
+            # Before the evaluation: a resumed run redoes it, and its audit.
             t0 = time.time()
             state = rank_state(gen, x, y, device_type)
             states = [None] * world if ddp else [state]
@@ -694,9 +698,9 @@ def main(argv):
                             it)
             checkpoint_s.append(time.time() - t0)
             progress["checkpoint_iter"] = it
-        if it % eval_interval == 0 or last:
-            if RUN_AUDIT is not None:
-                RUN_AUDIT(raw_model, x, y, ctx, it)
+        if RUN_AUDIT is not None:
+            RUN_AUDIT(raw_model, x, y, ctx, it, evaluating)
+        if evaluating:
             val_loss = evaluate(model, val_shards, windows, dev, ctx)
             if master:
                 tl = train_loss.item() if it else float("nan")

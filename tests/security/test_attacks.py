@@ -297,3 +297,98 @@ def test_secrets_never_reach_a_stage(task: TaskSpec, observe: Callable[..., Obse
 
 RUNTIME_REGIONS = (delayed_float, rank_divergent, patch_at_import, patch_during_training,
                    swap_frozen_function, unhook_audit, forge_final_json, dump_environment)
+
+
+# --- where and when the in-run audit looks (issue #24) --------------------------------------
+# Appended to this file, hence the imports here.
+
+from harness.record import Status  # noqa: E402
+from tests.security.attacks import (  # noqa: E402
+    float_between_evaluations,
+    float_unless_one_row,
+)
+
+
+@pytest.mark.security
+def test_float_weights_on_batches_of_several_rows_are_caught_by_the_in_run_audit(
+        task: TaskSpec, tmp_path: Path, observe: Callable[..., Observed]) -> None:
+    seen = observe(_checked(task, float_unless_one_row(task), tmp_path), _pretrain_only(task))
+    # The audit's train() forward takes several random rows of the batch: the first one sees it.
+    assert seen.result.status == Status.RULE_VIOLATION, seen.result.reason
+    assert seen.result.reason.startswith("rule violation (low-bit, rank ")
+    assert "low-bit audit at step 0: " in seen.result.reason
+    assert "distinct values" in seen.result.reason
+    assert seen.result.metrics == {}
+
+
+@pytest.mark.security
+def test_float_weights_between_evaluations_are_caught_by_a_spot_audit(
+        task: TaskSpec, tmp_path: Path, observe: Callable[..., Observed]) -> None:
+    seen = observe(_checked(task, float_between_evaluations(task), tmp_path),
+                   _pretrain_only(task))
+    assert seen.result.status == Status.RULE_VIOLATION, seen.result.reason
+    found = re.search(r"low-bit audit at step (\d+) \(spot\): ", seen.result.reason)
+    assert found, seen.result.reason
+    # A step between evaluations (every 10 at smoke), drawn where the submission cannot see.
+    assert int(found[1]) % 10 != 0
+    assert seen.result.metrics == {}
+
+
+RUNTIME_REGIONS = (*RUNTIME_REGIONS, float_unless_one_row, float_between_evaluations)
+
+
+def test_spot_audits_fall_between_evaluations_a_resumed_launch_doing_its_share() -> None:
+    import random
+
+    from harness.runtime.guard import SPOT_AUDITS, spot_steps
+
+    rng = random.Random(0)  # the guard draws from random.SystemRandom; any Random will do here
+    for _ in range(200):
+        steps = spot_steps(rng, 0, 13535, 1000)
+        assert len(steps) == SPOT_AUDITS == len(set(steps))
+        assert all(0 < s < 13535 and s % 1000 for s in steps)
+    assert len(spot_steps(rng, 9000, 13535, 1000)) == 2  # a third of the run left: ceil(1.0)
+    assert all(s >= 9000 for s in spot_steps(rng, 9000, 13535, 1000))
+    assert len(spot_steps(rng, 0, 2, 1)) == 0  # every step an evaluation: nothing between
+
+
+def test_an_audit_leaves_no_trace_and_varies_its_shapes(task: TaskSpec, tmp_path: Path) -> None:
+    """What a spot audit at a secret step must not do: move torch's random stream (dropout in
+    train() draws from it) or a submission's buffers and counters, which would make the run
+    depend on which steps were audited and a resumed run differ from an uninterrupted one."""
+    import random
+
+    import torch
+
+    from harness.runtime.lowbit_audit import audit, draw_plan
+    from harness.runtime.spliced import load_spliced
+    from tests.security.attacks import FORWARD
+
+    # Buffers the forward moves (float_between_evaluations's), and a plain counter.
+    region = float_between_evaluations(task).replace(
+        FORWARD, FORWARD + "        self.count = self.count + 1\n", 1)
+    script = tmp_path / "custom_pretrain.py"
+    script.write_text(spliced(task, region))
+    module = load_spliced(script, "custom_pretrain_no_trace")
+    model = module.GPT(module.GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=2,
+                                        n_embd=32, dropout=0.1))
+    for m in model.modules():
+        if isinstance(m, module.BitLinear):
+            m.count = 7
+    idx = torch.randint(0, 256, (4, 32))
+    rng_state = torch.get_rng_state()
+    buffers = {k: b.clone() for k, b in model.named_buffers()}
+    shapes = set()
+    secret = random.SystemRandom()
+    for _ in range(5):
+        record = audit(model, module.BitLinear, idx, None, where="step 3",
+                       plan=draw_plan(secret, 4, 32))
+        assert record.problems == []  # its first train() call of a step is ternary
+        train, sub, whole = record.passes
+        assert train["mode"] == "train" and 2 <= train["rows"] <= 4
+        assert (whole["rows"], whole["start"], whole["tokens"]) == (4, 0, 32)
+        shapes.add((train["rows"], train["tokens"], sub["rows"], sub["tokens"]))
+    assert len(shapes) > 1
+    assert torch.equal(torch.get_rng_state(), rng_state)
+    assert all(torch.equal(b, buffers[k]) for k, b in model.named_buffers())
+    assert {m.count for m in model.modules() if isinstance(m, module.BitLinear)} == {7}
