@@ -36,6 +36,7 @@ from harness.runners.base import Exit, Job, Mount, RunnerError, StagedRunner, St
 from harness.runners.config import DockerSettings
 from harness.runners.local import container_env, scrubbed_env
 from harness.runners.memory import judge_kill, parse_size, vet_limit
+from harness.runtime.fileio import read_stage_json
 from harness.runtime.memwatch import MEMORY_FILE
 from harness.runtime.procs import outside_exit_code
 
@@ -206,10 +207,7 @@ def _memory_report(spec: StageSpec) -> dict[str, Any] | None:
     path = _memory_file(spec)
     if path is None:
         return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    data = read_stage_json(path)
     return data if isinstance(data, dict) else None
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -66,3 +67,34 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 24), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# The most the host reads of one file a stage wrote (logs of metrics, reports, records).
+MAX_STAGE_FILE_BYTES = 64 * 2**20
+
+
+def read_stage_file(path: Path, limit: int = MAX_STAGE_FILE_BYTES) -> bytes | None:
+    """The bytes of a file in a stage's output folder, read as files that untrusted code may
+    have placed must be read: never through a link (a `final.json -> another attempt's file`
+    would otherwise be followed by the host, outside any sandbox), never blocking on a FIFO,
+    regular files only, at most `limit` bytes. None for anything else, or no file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+            return None
+        return f.read(limit + 1)[:limit]
+
+
+def read_stage_json(path: Path) -> Any:
+    """A JSON file a stage wrote (read_stage_file), parsed; None when unreadable."""
+    data = read_stage_file(path)
+    if data is None:
+        return None
+    try:
+        return json.loads(data.decode("utf-8"))
+    except ValueError:
+        return None

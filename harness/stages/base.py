@@ -8,6 +8,8 @@ record.StageRecord and stops at the first that does not succeed; nothing here re
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,3 +77,24 @@ class Stage(Protocol):
 def outcome(status: Status, reason: str, **details: Any) -> StageOutcome:
     """A failed stage's outcome, with its own record fields."""
     return StageOutcome(status, reason, {}, details)
+
+
+def planted_file(out_dir: Path) -> str | None:
+    """A rule violation's text when the stage's folder holds anything but folders and regular
+    files: the frozen code writes nothing else, so a link (to another attempt's files, to the
+    ledger) or a FIFO there was planted by the submission, to be followed by the host."""
+    if not out_dir.is_dir() or out_dir.is_symlink():
+        return None
+    for root, dirs, files in os.walk(out_dir):  # links to folders are listed, never entered
+        for name in sorted(dirs + files):
+            path = Path(root) / name
+            try:
+                mode = os.lstat(path).st_mode
+            except OSError:
+                continue
+            if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+                continue
+            kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+            return (f"rule violation (stage-files): {path.relative_to(out_dir.parent)} is "
+                    f"{kind}; the stage's frozen code writes regular files only")
+    return None

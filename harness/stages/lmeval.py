@@ -8,7 +8,6 @@ declared in task.toml with the lm-eval task and metric it is (`source`).
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections.abc import Mapping, Sequence
@@ -18,8 +17,9 @@ from typing import Any
 
 from harness.record import Status
 from harness.runners.base import StageRun, StageSpec
+from harness.runtime.fileio import read_stage_json
 from harness.runtime.lmeval_report import FORMAT, FULL_BOOTSTRAP_ITERS
-from harness.stages.base import StageContext, StageOutcome, outcome
+from harness.stages.base import StageContext, StageOutcome, outcome, planted_file
 from harness.task import ScaleSpec, TaskSpec
 
 STAGE = "lm-eval"
@@ -113,10 +113,7 @@ RECORD_KEYS = ("lm_eval_version", "convention", "metrics", "secondary", "detail"
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    return read_stage_json(path)  # never through a link the stage left (fileio)
 
 
 def metric_problem(report: Any, expected: Sequence[str]) -> str | None:
@@ -139,6 +136,9 @@ def _failure(out_dir: Path, run: StageRun) -> StageOutcome | None:
         return outcome(Status.FAILED_INFRA, run.error or "lm-eval stage did not start")
     if run.cancelled:
         return outcome(Status.CANCELLED, "lm-eval: cancelled through the harness")
+    planted = planted_file(out_dir)
+    if planted:
+        return outcome(Status.RULE_VIOLATION, planted)
     if run.over_limit:
         return outcome(Status.FAILED_SUBMISSION, f"lm-eval: out of memory: {run.over_limit}")
     if run.infra:

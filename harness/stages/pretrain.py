@@ -15,11 +15,17 @@ from typing import Any
 
 from harness.record import Status
 from harness.runners.base import StageRun, StageSpec
-from harness.runtime.fileio import sha256_file
+from harness.runtime.fileio import read_stage_file, read_stage_json, sha256_file
 from harness.runtime.launch import LAUNCH_FILE
 from harness.runtime.memwatch import MEMORY_FILE
 from harness.runtime.procs import outside_signal
-from harness.stages.base import StageContext, StageOutcome, Unresumable, outcome
+from harness.stages.base import (
+    StageContext,
+    StageOutcome,
+    Unresumable,
+    outcome,
+    planted_file,
+)
 from harness.task import ScaleSpec, TaskSpec
 
 STAGE = "pretrain"
@@ -155,19 +161,17 @@ class PretrainStage:
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    return read_stage_json(path)  # never through a link the stage left (fileio)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The rows of a log the template appends to, up to a torn last line (a killed run, or
     one being written now); [] when there is none yet."""
     rows: list[dict[str, Any]] = []
+    data = read_stage_file(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
+        text = "" if data is None else data.decode("utf-8")
+    except UnicodeDecodeError:
         return rows
     for line in text.splitlines():
         try:
@@ -287,6 +291,9 @@ def _judge(run: StageRun, out_dir: Path, metrics: Sequence[str]) -> StageOutcome
         return outcome(Status.FAILED_INFRA, run.error or "stage did not start")
     if run.cancelled:
         return outcome(Status.CANCELLED, "cancelled through the harness")
+    planted = planted_file(out_dir)
+    if planted:
+        return outcome(Status.RULE_VIOLATION, planted)
     found = violations(out_dir)
     if found:
         # Before infra and the ranks' error files: the violation is why the run stopped.
