@@ -70,6 +70,9 @@ def test_run_kills_the_tree_when_interrupted(tmp_path: Path) -> None:
         _wait_for(tmp_path / "grandchild")
         signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
 
+    # A shell without job control starts background jobs with SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler: give this process Python's own for the test.
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Thread(target=interrupt, daemon=True).start()
     try:
         procs.run([sys.executable, "-c", TREE, str(tmp_path)], cwd=tmp_path,
@@ -79,6 +82,8 @@ def test_run_kills_the_tree_when_interrupted(tmp_path: Path) -> None:
         pass
     else:
         raise AssertionError("the interrupt did not come through")
+    finally:
+        signal.signal(signal.SIGINT, before)
     pids = [_wait_for(tmp_path / "child"), _wait_for(tmp_path / "grandchild")]
     assert _gone(pids)
 

@@ -14,9 +14,9 @@ the guard's secret random source (`draw_plan`):
 * eval() under no_grad, as scoring runs it, on another such draw;
 * eval() on the full sequence length the validation loss is scored at, on random rows.
 
-Every pass takes at most AUDIT_ROWS rows: measured on one H100 (2026-12-07, gpt-345m,
-micro-batch 64), an eval() forward of the whole batch on the uncompiled model asked for 12.3 GiB
-of float32 logits at once and ran the baseline out of GPU memory mid-run.
+Every pass takes at most AUDIT_ROWS rows: measured on one H100 (2026-12-07, gpt-345m), an
+eval() forward of the whole 64-row batch on the uncompiled model took 19.7 GiB beyond the
+model, 12.3 GiB of it float32 logits.
 
 The weight rows whose levels are counted are drawn from a secret seed too. Every forward uses
 the uncompiled module: the capture works at the torch function level, which a compiled graph
@@ -42,9 +42,9 @@ import torch.nn as nn
 from harness.runtime.preflight_lowbit import Pass, capture_passes, summarise
 
 # Rows of the batch any audit forward takes at most: the uncompiled model materialises its
-# float32 logits (rows x block_size x vocab: 12.3 GiB for a 64-row gpt-345m micro-batch, which
-# ran a baseline out of memory on an H100), and a forward with autograd keeps every
-# intermediate. A few rows of a 64-row micro-batch stay small next to training's memory.
+# float32 logits (rows x block_size x vocab: 12.3 GiB for a 64-row gpt-345m micro-batch), and
+# a forward with autograd keeps every intermediate. A few rows of a 64-row micro-batch stay
+# small next to training's memory.
 AUDIT_ROWS = 8
 TRAIN_ROWS = AUDIT_ROWS
 
