@@ -101,3 +101,23 @@ def test_a_rank_aborting_at_teardown_is_resumed_and_charged_once(tmp_path: Path)
     assert second["outcome"] == Status.SUCCEEDED.value
     # One charge: one stage_start; the relaunch is a resume.
     assert events.count("stage_start") == 1 and events.count("stage_resume") == 1
+
+
+def test_the_rank_that_failed_first_names_the_error(tmp_path: Path) -> None:
+    # Rank 1 raised; rank 0 then saw its peer's socket close. The reason is rank 1's error,
+    # which the launcher's record says failed first, not rank 0's by file order.
+    from harness.record import Status as S
+    from harness.runners.base import StageRun
+    from harness.stages.pretrain import collect
+
+    (tmp_path / "launcher.json").write_text(json.dumps(
+        {"failures": {"0": {"exitcode": 1, "timestamp": 2}, "1": {"exitcode": 1, "timestamp": 1}},
+         "first": "1"}))
+    (tmp_path / "guard_rank0.json").write_text("{}")
+    for rank, message in (("0", "RuntimeError: Connection closed by peer"),
+                          ("1", "RuntimeError: submission bug: exploded")):
+        (tmp_path / f"error_rank{rank}.json").write_text(json.dumps(
+            {"kind": "submission", "message": f"Traceback ...\n{message}"}))
+    got = collect(StageRun(1, True, False, 1.0, tmp_path / "o", tmp_path / "e"), tmp_path)
+    assert (got.status, got.reason) == (S.FAILED_SUBMISSION,
+                                        "training raised: RuntimeError: submission bug: exploded")

@@ -239,6 +239,12 @@ def killed_rank(out_dir: Path) -> str | None:
     return None
 
 
+def _first_failed(out_dir: Path) -> str | None:
+    record = _read_json(out_dir / LAUNCH_FILE)
+    first = record.get("first") if isinstance(record, dict) else None
+    return str(first) if isinstance(first, (str, int)) and str(first).isdigit() else None
+
+
 def teardown_crash(out_dir: Path) -> str | None:
     """Why the launch counts as having crashed after the run was complete, or None: the
     template wrote final.json with every rank's checksum, then a rank died of a signal on its
@@ -327,7 +333,11 @@ def _judge(run: StageRun, out_dir: Path, metrics: Sequence[str]) -> StageOutcome
         return outcome(Status.FAILED_INFRA, f"the stage failed before the submission ran (exit "
                                             f"code {run.returncode}; see the stage's stderr)")
     if errors:
-        message = str(errors[0].get("message", "")).rstrip()
+        # The rank that failed first (torchrun's record) raised the error; the others then
+        # record the collective it left ("Connection closed by peer"), whatever their rank.
+        first = _read_json(out_dir / f"error_rank{_first_failed(out_dir)}.json")
+        error = first if isinstance(first, dict) else errors[0]
+        message = str(error.get("message", "")).rstrip()
         return outcome(Status.FAILED_SUBMISSION, "training raised: "
                        f"{message.splitlines()[-1] if message else '?'}", traceback=message)
     if run.timed_out:
