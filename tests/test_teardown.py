@@ -10,20 +10,17 @@ last checkpoint, and the attempt ends as the uninterrupted run would, charged on
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
-from harness.attempt import Prepared, dataset_dir, run_submission
+from harness.attempt import dataset_dir, run_submission
 from harness.record import Status
 from harness.runners.local import LocalRunner
 from harness.stages.pretrain import teardown_crash
-from harness.submission import Submission
 from harness.task import load_task
-from tests.security.attacks import at_top, spliced
+from tests.security.attacks import at_top, pretrain_only, unchecked
 
 TASK_DIR = Path(__file__).resolve().parents[1] / "tasks" / "llm-pretrain-bitlinear"
 
@@ -78,15 +75,12 @@ def test_no_teardown_crash_without_final_json(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_a_rank_aborting_at_teardown_is_resumed_and_charged_once(tmp_path: Path) -> None:
     task = load_task(TASK_DIR)
-    scale = dataclasses.replace(task.scale("smoke"), stages=("pretrain",))
-    region = at_top(task, ABORT_ONCE)
-    sub = Submission(kind="file", source=Path("abort.py"), regions={"bitlinear": region},
-                     meta={}, sha256=hashlib.sha256(region.encode()).hexdigest(), name="abort")
+    scale = pretrain_only(task)
     data = tmp_path / "data"
     dataset_dir(scale, data)
     events: list[str] = []
     record, attempt = run_submission(
-        Prepared(sub, spliced(task, region), ""), task, scale, runs_dir=tmp_path / "runs",
+        unchecked(task, at_top(task, ABORT_ONCE), "abort"), task, scale, runs_dir=tmp_path / "runs",
         data=data, runner=LocalRunner(), on_event=lambda kind, _info: events.append(kind))
     assert record.status is Status.SUCCEEDED, record.reason
     first, second = record.stages["pretrain"].segments

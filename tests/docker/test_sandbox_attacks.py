@@ -17,7 +17,6 @@ on two cores) covers a whole family of attacks.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -39,27 +38,15 @@ from harness.record import Attempt, AttemptRecord, Status
 from harness.runners.config import DockerSettings
 from harness.runners.docker import LABEL, DockerRunner
 from harness.runtime.fileio import sha256_file
-from harness.submission import Submission
 from harness.task import ScaleSpec, TaskSpec
 from tests.docker import sandbox_attacks as sa
-from tests.security.attacks import spliced
+from tests.security.attacks import pretrain_only, unchecked
 
 pytestmark = pytest.mark.docker
 
 HARNESS_FILES = {"result.json", "custom_pretrain.py", "submission.diff", "submission.json",
                  "checks.json", "model.py", "eval_lm.py"}
 STAGE_DIRS = {"pretrain", "lm-eval"}
-
-
-def unchecked(task: TaskSpec, region: str, name: str) -> Prepared:
-    """As if a static escape had been found: spliced without the static checks."""
-    sub = Submission(kind="file", source=Path(f"{name}.py"), regions={"bitlinear": region},
-                     meta={}, sha256=hashlib.sha256(region.encode()).hexdigest(), name=name)
-    return Prepared(sub, spliced(task, region), "")
-
-
-def pretrain_only(task: TaskSpec) -> ScaleSpec:
-    return dataclasses.replace(task.scale("smoke"), stages=("pretrain",))
 
 
 # --- the host side: listeners, secrets, the files no attack may change ------------------------

@@ -7,12 +7,16 @@ fragment inserted. A line that a static finding must point at carries the commen
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.attempt import Prepared
 from harness.regions import splice
 from harness.runtime.layout import parse_layout
-from harness.task import TaskSpec
+from harness.submission import Submission
+from harness.task import ScaleSpec, TaskSpec
 
 FORWARD = "    def forward(self, x):\n"
 INIT_END = "        nn.init.normal_(self.weight, mean=0.0, std=0.02)\n"
@@ -36,6 +40,17 @@ def at_top(task: TaskSpec, fragment: str) -> str:
 
 def spliced(task: TaskSpec, region: str) -> str:
     return splice(task.template_text(), {"bitlinear": region})
+
+
+def unchecked(task: TaskSpec, region: str, name: str) -> Prepared:
+    """As if a static escape had been found: spliced without the static checks."""
+    sub = Submission(kind="file", source=Path(f"{name}.py"), regions={"bitlinear": region},
+                     meta={}, sha256=hashlib.sha256(region.encode()).hexdigest(), name=name)
+    return Prepared(sub, spliced(task, region), "")
+
+
+def pretrain_only(task: TaskSpec) -> ScaleSpec:
+    return dataclasses.replace(task.scale("smoke"), stages=("pretrain",))
 
 
 def attack_line(text: str) -> int:

@@ -16,7 +16,6 @@ network connection (a listener the attacks are pointed at).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import re
 import socket
 import threading
@@ -32,7 +31,6 @@ from harness.leaderboard import build_board
 from harness.record import AttemptRecord
 from harness.runners.local import LocalRunner
 from harness.runtime.fileio import sha256_file
-from harness.submission import Submission
 from harness.task import ScaleSpec, TaskSpec, load_task
 from tests.security.attacks import (
     STATIC,
@@ -45,9 +43,11 @@ from tests.security.attacks import (
     patch_at_import,
     patch_during_training,
     preflight_attacks,
+    pretrain_only,
     rank_divergent,
     spliced,
     swap_frozen_function,
+    unchecked,
     unhook_audit,
     write_region,
 )
@@ -208,17 +208,6 @@ def _checked(task: TaskSpec, region: str, tmp_path: Path) -> Prepared:
     return prepare(write_region(tmp_path / "attack.py", region), task)
 
 
-def _unchecked(task: TaskSpec, region: str, name: str) -> Prepared:
-    """As if a static escape had been found: spliced without the static checks."""
-    sub = Submission(kind="file", source=Path(f"{name}.py"), regions={"bitlinear": region},
-                     meta={}, sha256=hashlib.sha256(region.encode()).hexdigest(), name=name)
-    return Prepared(sub, spliced(task, region), "")
-
-
-def _pretrain_only(task: TaskSpec) -> ScaleSpec:
-    return dataclasses.replace(task.scale("smoke"), stages=("pretrain",))
-
-
 # --- run time: past the static checks --------------------------------------------------------
 
 @pytest.mark.security
@@ -228,7 +217,7 @@ def test_float_weights_after_preflight_are_caught_by_the_in_run_audit(
     # Pre-flight alone cannot see it: its short DDP run ends before the switch.
     assert run_preflight(task, prepared.spliced, runner=LocalRunner(),
                          work_dir=tmp_path / "work").ok
-    seen = observe(prepared, _pretrain_only(task))
+    seen = observe(prepared, pretrain_only(task))
     assert seen.result.status == "rule_violation"
     assert seen.result.reason.startswith("rule violation (low-bit, rank ")
     assert "low-bit audit at step 20: " in seen.result.reason
@@ -239,7 +228,7 @@ def test_float_weights_after_preflight_are_caught_by_the_in_run_audit(
 @pytest.mark.security
 def test_ranks_that_diverge_are_caught_at_the_end(task: TaskSpec, tmp_path: Path,
                                                   observe: Callable[..., Observed]) -> None:
-    seen = observe(_checked(task, rank_divergent(task), tmp_path), _pretrain_only(task))
+    seen = observe(_checked(task, rank_divergent(task), tmp_path), pretrain_only(task))
     assert seen.result.status == "rule_violation"
     assert seen.result.reason.startswith("rule violation (ranks): ranks ended with different "
                                          "parameters")
@@ -263,7 +252,7 @@ def test_ranks_that_diverge_are_caught_at_the_end(task: TaskSpec, tmp_path: Path
 def test_tampering_with_frozen_or_torch_code_is_a_rule_violation(
         make: Callable[[TaskSpec], str], reason: str, task: TaskSpec,
         observe: Callable[..., Observed]) -> None:
-    seen = observe(_unchecked(task, make(task), make.__name__), _pretrain_only(task))
+    seen = observe(unchecked(task, make(task), make.__name__), pretrain_only(task))
     assert seen.result.status == "rule_violation"
     # Every rank runs the same check; which one reports first (and so is named) is up to the
     # scheduler, and torchrun stops the others. The rule and the message are what must hold.
@@ -273,7 +262,7 @@ def test_tampering_with_frozen_or_torch_code_is_a_rule_violation(
 @pytest.mark.security
 def test_a_forged_training_score_fails_the_cross_check(task: TaskSpec,
                                                        observe: Callable[..., Observed]) -> None:
-    seen = observe(_unchecked(task, forge_final_json(task), "forge"), task.scale("smoke"))
+    seen = observe(unchecked(task, forge_final_json(task), "forge"), task.scale("smoke"))
     assert seen.result.status == "rule_violation"
     assert seen.result.reason.startswith("rule violation (cross-check): val_loss from pretrain "
                                          "(0.5) disagrees with lm-eval's recomputation")
@@ -284,7 +273,7 @@ def test_a_forged_training_score_fails_the_cross_check(task: TaskSpec,
 def test_secrets_never_reach_a_stage(task: TaskSpec, observe: Callable[..., Observed]) -> None:
     import json
 
-    seen = observe(_unchecked(task, dump_environment(task), "env"), _pretrain_only(task))
+    seen = observe(unchecked(task, dump_environment(task), "env"), pretrain_only(task))
     # It crashed on purpose: the submission's failure, charged.
     assert seen.result.status == "failed_submission"
     dumps = sorted((seen.root / "pretrain").glob("seen_env_rank*.json"))
@@ -312,7 +301,7 @@ from tests.security.attacks import (  # noqa: E402
 @pytest.mark.security
 def test_float_weights_on_batches_of_several_rows_are_caught_by_the_in_run_audit(
         task: TaskSpec, tmp_path: Path, observe: Callable[..., Observed]) -> None:
-    seen = observe(_checked(task, float_unless_one_row(task), tmp_path), _pretrain_only(task))
+    seen = observe(_checked(task, float_unless_one_row(task), tmp_path), pretrain_only(task))
     # The audit's train() forward takes several random rows of the batch: the first one sees it.
     assert seen.result.status == Status.RULE_VIOLATION, seen.result.reason
     assert seen.result.reason.startswith("rule violation (low-bit, rank ")
@@ -325,7 +314,7 @@ def test_float_weights_on_batches_of_several_rows_are_caught_by_the_in_run_audit
 def test_float_weights_between_evaluations_are_caught_by_a_spot_audit(
         task: TaskSpec, tmp_path: Path, observe: Callable[..., Observed]) -> None:
     seen = observe(_checked(task, float_between_evaluations(task), tmp_path),
-                   _pretrain_only(task))
+                   pretrain_only(task))
     assert seen.result.status == Status.RULE_VIOLATION, seen.result.reason
     found = re.search(r"low-bit audit at step (\d+) \(spot\): ", seen.result.reason)
     assert found, seen.result.reason
