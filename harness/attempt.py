@@ -23,7 +23,6 @@ from harness import __version__
 from harness.checks.static import RegionText, check_spliced
 from harness.errors import CheckFailed, InfraError, UserError
 from harness.record import (
-    SCRATCH,
     Attempt,
     AttemptRecord,
     Origin,
@@ -39,6 +38,7 @@ from harness.runners.config import load_config
 from harness.runtime.fileio import atomic_write_json, atomic_write_text, sha256_bytes, sha256_file
 from harness.runtime.layout import parse_layout
 from harness.runtime.preflight import PreflightReport
+from harness.scratch import make_scratch, remove_scratch, scratch_env
 from harness.stages.base import Stage, StageContext, StageOutcome, Unresumable
 from harness.stages.lmeval import LmEvalStage, evals_dir
 from harness.stages.pretrain import PretrainStage
@@ -83,17 +83,31 @@ def prepare(submission_path: Path, task: TaskSpec) -> Prepared:
 
 
 def preflight_or_refuse(prepared: Prepared, task: TaskSpec, runner: Runner, *,
-                        work_root: Path) -> PreflightReport:
+                        work_root: Path | None = None,
+                        attempt: Attempt | None = None) -> PreflightReport:
     """Pre-flight through the runner (a CPU stage, free): its report, or a refusal: UserError
     (exit 2) when the submission failed a check, InfraError when only our side did.
-    work_root: where its scratch folder goes (a runner must be able to mount it)."""
+
+    attempt: a test's pre-flight runs in the test's own folder (its `preflight/`, kept and
+    hashed into the record), named `harness-<attempt id>-preflight` and stopped by the test's
+    cancel marker, so that recover and cancel find it as they find the test's other stages.
+    work_root: otherwise, where a temporary folder for it goes (a runner must be able to
+    mount it)."""
     import tempfile
 
-    from harness.checks.preflight import run_preflight
+    from harness.checks.preflight import STAGE, run_preflight
 
-    work_root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".preflight-", dir=work_root) as tmp:
-        report = run_preflight(task, prepared.spliced, runner=runner, work_dir=Path(tmp))
+    if attempt is not None:
+        report = run_preflight(task, prepared.spliced, runner=runner,
+                               work_dir=attempt.stage_dir(STAGE),
+                               job_name=f"harness-{attempt.id}-{STAGE}",
+                               cancel_file=attempt.cancel_file)
+    else:
+        if work_root is None:
+            raise ValueError("preflight_or_refuse needs an attempt or a work_root")
+        work_root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".preflight-", dir=work_root) as tmp:
+            report = run_preflight(task, prepared.spliced, runner=runner, work_dir=Path(tmp))
     if report.ok:
         return report
     failed = ", ".join(c.id for c in report.failed) or ", ".join(report.skipped)
@@ -155,6 +169,7 @@ def runtime(spec: StageSpec, attempt: Attempt, scale: ScaleSpec, *,
               Mount(attempt.root, str(attempt.root)),
               *(Mount(p, str(p)) for p in dict.fromkeys(reads)))
     procs = scale.nproc_per_node if gpus is None else gpus
+    make_scratch(spec.log_dir)
     spec = replace(spec, env={**spec.env, **scratch_env(spec.log_dir)})
     if scale.device != "cuda":
         gpus = 0
@@ -163,27 +178,6 @@ def runtime(spec: StageSpec, attempt: Attempt, scale: ScaleSpec, *,
     return replace(spec, mounts=mounts, gpus=gpus, procs=procs, cancel_file=attempt.cancel_file,
                    job_name=f"harness-{attempt.id}-{spec.name}",
                    memory_peak_gb=scale.peak_memory_gb)
-
-
-def scratch_env(stage_dir: Path) -> dict[str, str]:
-    """Caches and temp files of one stage of one attempt, in its own writable folder: no
-    attempt loads code another compiled (inductor, triton) or reads its temp files, and two
-    at once never collide. Removed when the stage ends (remove_scratch), never hashed."""
-    root = stage_dir / SCRATCH
-    dirs = {"TORCHINDUCTOR_CACHE_DIR": root / "inductor", "TRITON_CACHE_DIR": root / "triton",
-            "TMPDIR": root / "tmp"}
-    for d in dirs.values():
-        d.mkdir(parents=True, exist_ok=True)
-    return {k: str(v) for k, v in dirs.items()}
-
-
-def remove_scratch(stage_dir: Path) -> None:
-    # A link planted in its place is removed, never followed (rmtree refuses a link root).
-    target = stage_dir / SCRATCH
-    if target.is_symlink():
-        target.unlink(missing_ok=True)
-    else:
-        shutil.rmtree(target, ignore_errors=True)
 
 
 def _write_inputs(attempt: Attempt, prepared: Prepared, task: TaskSpec,
@@ -198,6 +192,12 @@ def _write_inputs(attempt: Attempt, prepared: Prepared, task: TaskSpec,
     for name in task.frozen_files:
         if name != task.template:
             shutil.copyfile(task.root / name, attempt.file(name))
+
+
+def submission_info(sub: Submission) -> dict[str, Any]:
+    """What a record says of its submission."""
+    return {"name": sub.name, "kind": sub.kind, "sha256": sub.sha256, "source": str(sub.source),
+            "meta": sub.meta}
 
 
 def new_record(attempt: Attempt, origin: Origin, task: TaskSpec, scale: ScaleSpec, *,
@@ -230,7 +230,6 @@ def run_attempt(prepared: Prepared, task: TaskSpec, scale: ScaleSpec, *, attempt
     configured `[runner] resume_retries`)."""
     if retries is None:
         retries = load_config().resume_retries
-    sub = prepared.submission
     # Resolved before the record exists: missing data is the user's to fix, not a crash.
     data_dir = dataset_dir(scale, data)
     stages = stages_of(task, scale)
@@ -238,9 +237,7 @@ def run_attempt(prepared: Prepared, task: TaskSpec, scale: ScaleSpec, *, attempt
         else None
     _write_inputs(attempt, prepared, task, checks)
     record = new_record(attempt, origin, task, scale, spliced=prepared.spliced,
-                        submission={"name": sub.name, "kind": sub.kind, "sha256": sub.sha256,
-                                    "source": str(sub.source), "meta": sub.meta},
-                        runner=runner.name,
+                        submission=submission_info(prepared.submission), runner=runner.name,
                         preflight=checks.summary() if checks is not None else None)
     record.dataset = {"name": scale.dataset, "dir": str(data_dir),
                       "manifest_sha256": sha256_file(data_dir / "manifest.json")}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from harness.attempt import STAGES
+from harness.checks.preflight import STAGE as PREFLIGHT
 from harness.errors import UserError
 from harness.ledger import (
     AttemptRow,
@@ -78,7 +79,7 @@ class AuditEntry:
         if not self.attempt.attempt_dir:
             return []
         root = Path(self.attempt.attempt_dir)
-        logs = [root / s / n for s in STAGES for n in ("stdout.log", "stderr.log")]
+        logs = [root / s / n for s in (PREFLIGHT, *STAGES) for n in ("stdout.log", "stderr.log")]
         found = [p for p in logs if p.exists()] or [root / "checks.json"]
         return [str(p) for p in found if p.exists()]
 
@@ -172,8 +173,9 @@ def stage_log_paths(a: AttemptRow, stage: str) -> list[Path]:
                         where=a.id, fix="wait until its stage starts, or use --follow")
     stage_dir = Path(a.attempt_dir) / stage
     if not stage_dir.is_dir():
-        ran = sorted(p.name for p in Path(a.attempt_dir).iterdir()
-                     if p.is_dir() and p.name in STAGES) if Path(a.attempt_dir).is_dir() else []
+        root = Path(a.attempt_dir)
+        ran = sorted(p.name for p in root.iterdir()
+                     if p.is_dir() and p.name in (PREFLIGHT, *STAGES)) if root.is_dir() else []
         raise UserError(f"test #{a.number} ran no {stage} stage", where=a.attempt_dir,
                         fix=f"stages it ran: {', '.join(ran)}" if ran else
                         "it ran no stage at all (see checks.json in its folder)")
@@ -423,11 +425,11 @@ def recover(ledger: Ledger, *, only: str | None = None) -> list[Recovered]:
 def stop_leftovers(a: AttemptRow) -> tuple[str, ...]:
     """What the dead harness's runner left running outside this host's process table: its
     Slurm jobs (scancel) or docker containers (removed), found by the names the runner gave
-    them (`harness-<attempt id>-<stage>`)."""
+    them (`harness-<attempt id>-<stage>`, the pre-flight's too)."""
     if a.runner == "slurm":
         from harness.runners.slurm import cancel_leftover_jobs
 
-        return tuple(f"Slurm job {j}" for j in cancel_leftover_jobs(a.id, list(STAGES)))
+        return tuple(f"Slurm job {j}" for j in cancel_leftover_jobs(a.id, [PREFLIGHT, *STAGES]))
     if a.runner == "docker":
         from harness.runners.config import load_config
         from harness.runners.docker import remove_leftover_containers

@@ -663,7 +663,7 @@ def _add_session_commands(sub: Any) -> None:
     p.add_argument("attempt", help="an attempt folder, an attempt id (or unique prefix), or "
                                    "SESSION:N")
     _home_arg(p)
-    p.add_argument("--stage", default="pretrain", choices=["pretrain", "lm-eval"])
+    p.add_argument("--stage", default="pretrain", choices=["preflight", "pretrain", "lm-eval"])
     p.add_argument("--follow", action="store_true",
                    help="keep printing, with the training progress (a bar on a terminal), "
                         "until the test ends")

@@ -34,8 +34,9 @@ from harness.attempt import (
     resume_attempt,
     run_attempt,
     stages_of,
+    submission_info,
 )
-from harness.errors import EXIT_INFRA, CheckFailed, UserError
+from harness.errors import EXIT_INFRA, CheckFailed, InfraError, UserError
 from harness.leaderboard.stats import seeds_line
 from harness.ledger import (
     MODES,
@@ -234,9 +235,13 @@ class Session:
         runner = self.runner or configured_runner()
         try:
             prepared = prepare(snapshot, self.task)
-            checks = self._preflight(prepared, runner)
+            checks = self._preflight(prepared, runner, row, attempt)
         except UserError as e:
             return self._refused_by_checks(row, attempt, e)
+        except InfraError:
+            if attempt.cancel_file.exists():
+                return self._cancelled_in_checks(row, attempt)
+            raise
         if runner.name == "local":
             from harness.runners.local import warn_not_a_sandbox
 
@@ -291,18 +296,40 @@ class Session:
         state.settled = True
         return self._report(settled, record, attempt.root)
 
-    def _preflight(self, prepared: Prepared, runner: Runner) -> PreflightReport | None:
+    def _preflight(self, prepared: Prepared, runner: Runner, row: AttemptRow,
+                   attempt: Attempt) -> PreflightReport | None:
         """The pre-flight report, run here rather than in run_attempt so that its refusal is
-        told apart from other errors and recorded as free; None when the session skips it."""
+        told apart from other errors and recorded as free; None when the session skips it.
+
+        It runs the submission's code, so the test's record exists first (`checking`): a
+        harness that dies meanwhile leaves one that `harness recover` closes, and the
+        pre-flight runs in the test's folder under its id, where recover finds it."""
         if not self.row.preflight:
             return None
+        attempt.write(new_record(attempt, self._origin(row.number), self.task,
+                                 self.task.scale(self.row.scale), spliced=prepared.spliced,
+                                 submission=submission_info(prepared.submission),
+                                 runner=runner.name,
+                                 status=Status.CHECKING, started_at=row.created_at))
         try:
-            return preflight_or_refuse(prepared, self.task, runner,
-                                       work_root=self.ledger.runs_dir)
+            return preflight_or_refuse(prepared, self.task, runner, attempt=attempt)
         except UserError as e:
             raise UserError(e.what, where=e.where, details=e.details,
                             fix="fix the submission; pre-flight is free, so this test was not "
                                 "charged") from None
+
+    def _cancelled_in_checks(self, row: AttemptRow, attempt: Attempt) -> TestReport:
+        """`harness cancel` stopped the pre-flight: cancelled, free, its record closed."""
+        reason = "cancelled during the pre-flight (harness cancel)"
+        sha = attempt.close_unfinished(Status.CANCELLED, reason)
+        settled = self.ledger.finish(row.id, Settlement(
+            status=Status.CANCELLED, reason=reason, attempt_dir=str(attempt.root),
+            result_sha256=sha))
+        message = "\n".join([self._header(settled.number),
+                             "[NOT CHARGED] This test was cancelled during its pre-flight "
+                             "checks; it did not use your budget."])
+        return TestReport(settled.number, settled.id, settled.status, False, False, False,
+                          message)
 
     def check(self, static_only: bool = False) -> str:
         """`harness check` on the current file, recording nothing: splice and static checks,

@@ -79,22 +79,10 @@ ATTEMPT_S = 300.0  # one smoke test takes ~30 s here; this only stops a hang
 # stopped is still seen before it ends by itself.
 SETTLE_S = 3.0
 POLL_S = 0.1
-# Two known bugs, found by these cases (both outside the runners; reported with #24):
-# 1. The pre-flight stage's container or job is named `harness-preflight` and works in
-#    `runs/.preflight-*`, under neither the attempt's id nor its folder, so `harness recover`
-#    cannot tell it belongs to the dead harness's test: it runs on to its end (docker: and
-#    stays in `docker ps -a`), and its folder stays under runs/. A strict xfail whenever the
-#    harness died while the pre-flight ran.
-PREFLIGHT_LEFTOVER = ("harness killed during the pre-flight: recover finds neither the "
-                      "pre-flight's container/job (named harness-preflight) nor its folder "
-                      "(runs/.preflight-*)")
-# 2. When the pre-flight stage fails for a reason of ours (its container, job or top process
-#    killed), the test is settled failed_infra in the ledger, but its folder gets no
-#    result.json (a refusal by the checks gets one) and the pre-flight's logs go with its
-#    temporary folder: the ledger's row is the only record. Seen at run time: an xfail then,
-#    after every other check passed.
-PREFLIGHT_INFRA_UNRECORDED = ("the pre-flight stage failed for a reason of ours: the test is "
-                              "settled failed_infra, but its folder has no result.json")
+# A harness killed while the pre-flight ran once left it running and unrecorded: the stage
+# was named `harness-preflight` and worked in `runs/.preflight-*`, so recover could not tie it
+# to the test; and a pre-flight ended by us left no result.json. Both are pinned by an
+# explicit case in each runner's file (EXPLICIT), whatever the seed draws.
 
 
 # --- the draws -------------------------------------------------------------------------------
@@ -121,7 +109,8 @@ class Draw:
 
     def replay(self, test_file: str) -> str:
         seed = f"{SEED_ENV}={self.seed} " if self.seed is not None else ""
-        return f"{seed}pytest -m {self.runner} {test_file} -k '{self.id}'"
+        marker = "" if self.runner == "local" else f"-m {self.runner} "
+        return f"{seed}pytest {marker}{test_file} -k '{self.id}'"
 
 
 def seed() -> int:
@@ -400,6 +389,10 @@ def nothing_left(run: Run, probe: Probe) -> None:
     def clean() -> bool:
         return not probe.leftovers(runs) and not stage_processes(runs)
 
+    # A stage's folders are the test's own: none outside it (the pre-flight's once was).
+    strays = [p.name for p in runs.iterdir() if p.name.startswith(".")] if runs.is_dir() else []
+    assert not strays, f"folders outside the test's under runs/: {strays}"
+
     try:
         until(clean, SETTLE_S, "")
     except AssertionError:
@@ -429,10 +422,9 @@ def check(run: Run, d: Draw, probe: Probe, killed: str | None,
     else:
         assert "recover: 0 attempt(s) settled" in got.stdout, got.stdout
     nothing_left(run, probe)
-    unrecorded = _unrecorded_preflight_failure(run) and not harness_killed
-    # harness_killed=True there only lets its result.json be missing; everything else holds.
-    row, used = settled_and_whole(run.home, run.sid,
-                                  harness_killed=harness_killed or unrecorded)
+    # harness_killed=True there only lets its result.json be missing (a harness killed
+    # before it wrote the test's first record); everything else holds.
+    row, used = settled_and_whole(run.home, run.sid, harness_killed=harness_killed)
     line = (f"{d.id}: killed {killed or 'nothing'} -> " +
             (f"{row.status}{' (refunded)' if row.refunded else ''}: {row.reason}"
              if row is not None else "no row"))
@@ -446,24 +438,12 @@ def check(run: Run, d: Draw, probe: Probe, killed: str | None,
                 f"a kill that hit a stage left no trace in the record: {line}"
     audit = cli("audit", run.sid, home=run.home)
     assert audit.returncode == 0 and "Integrity: OK" in audit.stdout, audit.stdout
-    if unrecorded:
-        print(line)
-        pytest.xfail(f"{PREFLIGHT_INFRA_UNRECORDED} ({line})")
+    if row.attempt_dir and (not harness_killed or "(preflight" in (killed or "")):
+        # Every test our side stopped has its record: one stopped in its pre-flight too, the
+        # record written before the pre-flight ran, closed by the harness or by recover.
+        record = json.loads((Path(row.attempt_dir) / "result.json").read_text())
+        assert record["status"] == row.status, f"result.json says {record['status']}: {line}"
     return line
-
-
-def _unrecorded_preflight_failure(run: Run) -> bool:
-    """Known bug 2: settled failed_infra before any stage ran, with no result.json."""
-    row = run.row()
-    root = run.root()
-    return row is not None and root is not None and row.state is Status.FAILED_INFRA \
-        and not (root / "result.json").exists() and not (root / "pretrain").exists() \
-        and "pre-flight could not run" in (row.reason or "")
-
-
-def _harness_killed_in_preflight(d: Draw, killed: str | None) -> bool:
-    """The harness died while the pre-flight stage ran (kill_at names the stages running)."""
-    return d.target == "harness" and killed is not None and "(preflight" in killed
 
 
 def run_case(home: Path, data: Path, d: Draw, probe: Probe, test_file: str) -> None:
@@ -475,14 +455,7 @@ def run_case(home: Path, data: Path, d: Draw, probe: Probe, test_file: str) -> N
         print(check(run, d, probe, killed, victims))  # what was drawn and came of it (-s)
     except AssertionError as e:
         said = f"[{d.id}, killed {killed or 'nothing'}; replay: {d.replay(test_file)}] {e}"
-        if _harness_killed_in_preflight(d, killed):
-            pytest.xfail(f"known bug 1, {PREFLIGHT_LEFTOVER}: {said}")
         raise AssertionError(said) from None
-    else:
-        # Strict: the known bug always shows (the folder at least stays); once fixed, this
-        # says so, and the xfail above can go.
-        assert not _harness_killed_in_preflight(d, killed), \
-            f"known bug 1 did not show ({killed}): fixed? then drop its xfail in tests/faults.py"
     finally:
         if run.proc.poll() is None:
             run.proc.kill()

@@ -83,8 +83,9 @@ class _DockerNamed:
 
 
 def test_preflight_container_args_match_golden(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The pre-flight stage in a container: its work folder the one writable mount and the
-    working directory, no GPU, the orchestrator from the image's own harness."""
+    """A test's pre-flight stage in a container: its folder in the attempt the one writable
+    mount and the working directory, its caches there, no GPU, the orchestrator from the
+    image's own harness, named for the attempt (recover finds it so)."""
     from harness.checks import preflight
     from harness.runtime.preflight import CHECK_IDS
     from harness.task import load_task
@@ -92,10 +93,11 @@ def test_preflight_container_args_match_golden(monkeypatch: pytest.MonkeyPatch) 
     _fixed_env(monkeypatch, PATH="/host/bin", HOME="/root", LANG="C.UTF-8",
                LD_LIBRARY_PATH="/host/lib", OMP_NUM_THREADS="4", AWS_SECRET_ACCESS_KEY="leak",
                CUDA_VISIBLE_DEVICES="3,5,7")
-    work = Path("/srv/bench/runs/.preflight-it's a \"quoted\" run; echo pwned")
+    work = Path("/srv/bench/runs/it's a \"quoted\" run; echo pwned/preflight")
     spec = preflight.build(load_task(), work_dir=work, runner=_DockerNamed(), timeout_s=120,
                            memory_mb=6144, checks=CHECK_IDS,
-                           python="/host/venv/bin/python3")
+                           python="/host/venv/bin/python3",
+                           job_name="harness-20261207-0940-ses-1-t1-ab12cd34-ef01-preflight")
     args = container_args(spec, SETTINGS, uid_gid="1000:1000", name_suffix="a1b2c3")
     assert args["device_requests"] == [] and args["network_mode"] == "none"
     assert [(m["Source"], m["ReadOnly"]) for m in args["mounts"]] == [(str(work), False)]

@@ -101,13 +101,21 @@ def test_kill_tree_signals_only_processes_it_found(tmp_path: Path) -> None:
 
 def test_the_processes_of_a_folder_and_of_a_token(tmp_path: Path) -> None:
     env = {**os.environ, procs.STAGE_TOKEN_ENV: "tok-123"}
+    # Working in a folder inside the attempt's (a test's pre-flight works in preflight/).
+    inner = tmp_path / "attempt" / "preflight"
+    inner.mkdir(parents=True)
+    (tmp_path / "att").mkdir()
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
-                            cwd=tmp_path, env=env)
+                            cwd=inner, env=env)
+    tmp_path = tmp_path / "attempt"
     try:
         deadline = time.monotonic() + 10
         while proc.pid not in procs.processes_in(tmp_path) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert procs.processes_in(tmp_path) == [proc.pid]
+        assert procs.processes_in(inner) == [proc.pid]
+        # A folder whose name is only the start of the attempt's is not it.
+        assert procs.processes_in(tmp_path.parent / "att") == []
         assert procs.tagged_processes("tok-123") == [proc.pid]
         assert procs.tagged_processes("tok-1") == []
         assert procs.kill_processes_in(tmp_path, wait_s=5) == (proc.pid,)

@@ -358,7 +358,7 @@ def test_a_passed_preflight_is_recorded_with_the_attempt(session: Session,
         summary = to_dict
 
     monkeypatch.setattr(mod, "preflight_or_refuse",
-                        lambda prepared, task, runner, work_root: Passed())
+                        lambda prepared, task, runner, **where: Passed())
     session.ledger.conn.execute("UPDATE sessions SET preflight = 1")
     with Session.open(session.id, home=session.ledger.home, runner=FakeRunner(),
                       data_dir=session.data_dir) as s:
@@ -378,7 +378,7 @@ def test_preflight_that_cannot_run_is_ours_and_free(session: Session,
     import harness.session as mod
     from harness.errors import InfraError
 
-    def broken(prepared: Any, task: Any, runner: Any, work_root: Any) -> Any:
+    def broken(prepared: Any, task: Any, runner: Any, **where: Any) -> Any:
         raise InfraError("pre-flight could not run (compile)")
 
     monkeypatch.setattr(mod, "preflight_or_refuse", broken)
@@ -388,6 +388,12 @@ def test_preflight_that_cannot_run_is_ours_and_free(session: Session,
         s.test()
     (a,) = session.ledger.attempts(session.id)
     assert (a.status, a.charged) == ("failed_infra", False)
+    # Its record was written before the pre-flight ran, and closed as ours.
+    assert a.attempt_dir
+    record = json.loads((Path(a.attempt_dir) / "result.json").read_text())
+    assert (record["status"], record["runner"]) == ("failed_infra", "local")
+    assert "pre-flight could not run" in record["reason"]
+    assert not audit(session.ledger, session.id).tampered
 
 # --- the CLI -----------------------------------------------------------------------------
 

@@ -39,9 +39,12 @@ from harness.runtime.preflight import (
     PreflightReport,
 )
 from harness.runtime.procs import KILL_GRACE_S
+from harness.scratch import make_scratch, remove_scratch, scratch_env
 from harness.task import TaskSpec
 
 STAGE = "preflight"
+# A pre-flight that belongs to no attempt (`harness check`): nothing recovers it by name.
+JOB_NAME = f"harness-{STAGE}"
 ORCHESTRATOR = "harness.runtime.preflight"
 # The runner's own time limit is the pre-flight's plus this: the orchestrator stops at its
 # deadline and kills the worker's and then torchrun's trees (a grace each), then writes the
@@ -76,17 +79,21 @@ def _env(runner: Runner) -> dict[str, str]:
 
 
 def build(task: TaskSpec, *, work_dir: Path, runner: Runner, timeout_s: float,
-          memory_mb: int, checks: Sequence[str], python: str = sys.executable) -> StageSpec:
-    """The pre-flight stage for the spliced script already written into work_dir."""
+          memory_mb: int, checks: Sequence[str], python: str = sys.executable,
+          job_name: str = JOB_NAME, cancel_file: Path | None = None) -> StageSpec:
+    """The pre-flight stage for the spliced script already written into work_dir.
+    job_name: `harness-<attempt id>-preflight` for a test's, so that `harness recover` finds
+    its container or Slurm job when the harness that ran it died."""
     script = work_dir / task.template
     argv = [python, "-m", ORCHESTRATOR, f"--spliced={script}", f"--work-dir={work_dir}",
             f"--timeout-s={timeout_s:g}", f"--memory-mb={memory_mb}",
             *(f"--full-shape={o}x{i}" for o, i in full_size_shapes(task)),
             *(f"--check={c}" for c in checks), f"--report={work_dir / REPORT_FILE}"]
     return StageSpec(name=STAGE, argv=tuple(argv), cwd=work_dir, log_dir=work_dir,
-                     timeout_s=timeout_s + STAGE_MARGIN_S, env=_env(runner),
+                     timeout_s=timeout_s + STAGE_MARGIN_S,
+                     env={**_env(runner), **scratch_env(work_dir)},
                      mounts=(Mount(work_dir, str(work_dir), writable=True),), gpus=0,
-                     procs=PREFLIGHT_PROCS, job_name="harness-preflight")
+                     procs=PREFLIGHT_PROCS, job_name=job_name, cancel_file=cancel_file)
 
 
 def _ours(checks: Sequence[str], reason: str, run: StageRun | None) -> PreflightReport:
@@ -105,6 +112,8 @@ def _ours(checks: Sequence[str], reason: str, run: StageRun | None) -> Preflight
 def collect(run: StageRun, work_dir: Path, checks: Sequence[str], *,
             runner_name: str = "") -> PreflightReport:
     """The report the stage wrote, or one of ours (see the module docstring)."""
+    if run.cancelled:
+        return _ours(checks, "the pre-flight stage was cancelled (harness cancel)", run)
     if not run.started:
         return _ours(checks, f"the pre-flight stage did not start: {run.error}", run)
     if run.infra:
@@ -124,14 +133,16 @@ def collect(run: StageRun, work_dir: Path, checks: Sequence[str], *,
 
 def run_preflight(task: TaskSpec, spliced: str, *, runner: Runner, work_dir: Path,
                   timeout_s: float = 120, memory_mb: int = 6144,
-                  checks: Sequence[str] = CHECK_IDS) -> PreflightReport:
+                  checks: Sequence[str] = CHECK_IDS, job_name: str = JOB_NAME,
+                  cancel_file: Path | None = None) -> PreflightReport:
     """Run the pre-flight checks (all by default) on a spliced template that passed the
     static checks, as one stage through `runner`.
 
     work_dir receives the script, the logs, the DDP run's files and the report; it is the
     stage's working directory and only writable mount, so the runner must be able to mount
     it: a path on the Docker host for docker, on the shared filesystem for slurm (the job
-    runs on a compute node)."""
+    runs on a compute node). Its compiler caches and temp files go to work_dir's scratch
+    folder, removed after. job_name, cancel_file: see build."""
     unknown = sorted(set(checks) - set(CHECK_IDS))
     if unknown:
         raise ValueError(f"unknown pre-flight check(s) {unknown}; known: {CHECK_IDS}")
@@ -143,5 +154,10 @@ def run_preflight(task: TaskSpec, spliced: str, *, runner: Runner, work_dir: Pat
     (work_dir / REPORT_FILE).unlink(missing_ok=True)  # a reused work_dir must not answer
     (work_dir / task.template).write_text(spliced, encoding="utf-8")
     spec = build(task, work_dir=work_dir, runner=runner, timeout_s=timeout_s,
-                 memory_mb=memory_mb, checks=wanted)
-    return collect(runner.run(spec), work_dir, wanted, runner_name=runner.name)
+                 memory_mb=memory_mb, checks=wanted, job_name=job_name, cancel_file=cancel_file)
+    make_scratch(work_dir)
+    try:
+        run = runner.run(spec)
+    finally:
+        remove_scratch(work_dir)
+    return collect(run, work_dir, wanted, runner_name=runner.name)

@@ -176,9 +176,14 @@ def tagged_processes(token: str, var: str = STAGE_TOKEN_ENV) -> list[int]:
     return found
 
 
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
 def processes_in(folder: Path) -> list[int]:
-    """This user's processes whose working directory is `folder` (a stage outlives a killed
-    harness there), this process excluded."""
+    """This user's processes whose working directory is `folder` or inside it (a stage
+    outlives a killed harness there: the test's pre-flight works in its `preflight/`), this
+    process excluded."""
     target = str(Path(folder).resolve())
     found = []
     for pid in _pids():
@@ -186,7 +191,7 @@ def processes_in(folder: Path) -> list[int]:
             continue
         try:
             if (_PROC / str(pid)).stat().st_uid == os.getuid() and \
-                    os.readlink(_PROC / str(pid) / "cwd") == target:
+                    _inside(os.readlink(_PROC / str(pid) / "cwd"), target):
                 found.append(pid)
         except OSError:
             continue

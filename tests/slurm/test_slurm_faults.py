@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slurm
 
 TARGETS = ("harness", "rank", "launcher", "job")
 EXPLICIT = (
-    # The known bug (tests/faults.py, PREFLIGHT_LEFTOVER), pinned whatever the seed draws.
+    # The harness killed during the pre-flight (once a leak, tests/faults.py), whatever the
+    # seed draws.
     Draw("slurm", "harness", "preflight", 0.25, 0, None),
     # torchrun killed mid-training: proctrack/linuxproc loses its ranks, which trained on into
     # the closed (or resumed) attempt until SlurmRunner.cleanup killed them by SLURM_JOB_ID.
