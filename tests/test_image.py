@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -97,3 +98,32 @@ def test_the_probe_fails_an_image_whose_harness_has_no_guard(
     by_id = {c["id"]: c for c in report["checks"]}
     assert "harness" in report["missing"] and not report["ok"]
     assert "harness.runtime.guard" in by_id["harness"]["detail"]
+
+
+def test_the_probe_fails_an_image_built_from_another_harness(tmp_path: Path) -> None:
+    import harness
+
+    here = Path(harness.__file__).resolve().parent
+    same = image_probe.run_probe(gpu=False, pins={}, source=image_probe.source_digest(here))
+    by_id = {c["id"]: c for c in same["checks"]}
+    assert by_id["harness-source"]["ok"], by_id["harness-source"]
+    # One byte of one runtime module changed in a copy of the tree: another harness.
+    copy = tmp_path / "harness"
+    shutil.copytree(here, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    guard = copy / "runtime" / "guard.py"
+    guard.write_text(guard.read_text() + "\n")
+    other = image_probe.run_probe(gpu=False, pins={}, source=image_probe.source_digest(copy))
+    by_id = {c["id"]: c for c in other["checks"]}
+    assert other["missing"] == ["harness-source"] and not other["ok"]
+    assert "built from another harness" in by_id["harness-source"]["detail"]
+    assert "harness image build" in by_id["harness-source"]["detail"]
+
+
+def test_the_source_digest_ignores_caches_and_sees_renames(tmp_path: Path) -> None:
+    (tmp_path / "a.py").write_text("x = 1\n")
+    first = image_probe.source_digest(tmp_path)
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "__pycache__" / "a.py").write_text("junk")
+    assert image_probe.source_digest(tmp_path) == first
+    (tmp_path / "a.py").rename(tmp_path / "b.py")
+    assert image_probe.source_digest(tmp_path) != first

@@ -586,17 +586,19 @@ class CheckReport:
 def check_image(image: str, *, gpu: bool = False,
                 settings: DockerSettings | None = None) -> CheckReport:
     """Run the probe in the image through the docker runner (same sandbox as a stage)."""
+    import harness
     from harness.envinfo import task_pins
     from harness.runtime import image_probe
 
     settings = replace(settings or DockerSettings(), image=image)
     runner = DockerRunner(settings, verify_image=False)
     pins = [f"--pin={n}=={v}" for n, v in task_pins().items()]
+    here = image_probe.source_digest(Path(harness.__file__).resolve().parent)
     # This host's probe, mounted as a script: it reports on an image without the harness too.
     probe = Mount(Path(image_probe.__file__).resolve(), PROBE_TARGET)
     with tempfile.TemporaryDirectory(prefix="harness-image-check-") as tmp:
         spec = StageSpec(name="image-check",
-                         argv=(settings.python, PROBE_TARGET, *pins,
+                         argv=(settings.python, PROBE_TARGET, *pins, f"--source-sha256={here}",
                                *(["--gpu"] if gpu else [])),
                          cwd=Path("/tmp"), log_dir=Path(tmp), timeout_s=600.0, mounts=(probe,),
                          gpus=1 if gpu else 0, job_name="harness-image-check")

@@ -1,6 +1,6 @@
 """What an image must hold for the task's stages, checked from inside it.
 
-    python3 -m harness.runtime.image_probe [--gpu] [--pin lm-eval==0.4.13 ...]
+    python3 -m harness.runtime.image_probe [--gpu] [--pin lm-eval==0.4.13 ...] [--source-sha256=H]
 
 Runs inside the image (`harness image check` starts it in a container without network; the
 Apptainer definition's %test runs it directly). Prints one JSON object, {"ok", "checks":
@@ -11,12 +11,14 @@ library is imported at module level: a broken image must still give a report.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import importlib.metadata
 import json
 import platform
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 DIST = "bitlinear-harness"
@@ -123,6 +125,31 @@ def _imports(modules: Sequence[str]) -> Callable[[], str]:
     return check
 
 
+def source_digest(package_dir: Path) -> str:
+    """sha256 over the harness package's Python sources, each by its relative path: the same
+    for the image's installed harness and the tree it was built from, and for nothing else."""
+    h = hashlib.sha256()
+    for p in sorted(package_dir.rglob("*.py")):
+        if "__pycache__" not in p.parts:
+            h.update(p.relative_to(package_dir).as_posix().encode() + b"\0")
+            h.update(p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _source(expected: str) -> Callable[[], str]:
+    def check() -> str:
+        import harness
+
+        got = source_digest(Path(harness.__file__).resolve().parent)
+        if got != expected:
+            raise RuntimeError(
+                f"the image's harness (sources sha256 {got[:12]}) is not the one that runs it "
+                f"({expected[:12]}): it was built from another harness; rebuild it with "
+                "`harness image build --tag IMAGE`")
+        return f"sources sha256 {got[:12]}, the same as the harness that runs it"
+    return check
+
+
 def _tokenizer() -> str:
     from harness.runtime.tokenizer import GPT2_FILES, gpt2_encoding
 
@@ -133,7 +160,9 @@ def _tokenizer() -> str:
     return ", ".join(f"{name} sha256 {GPT2_FILES[name][:12]}…" for name in sorted(GPT2_FILES))
 
 
-def run_probe(*, gpu: bool, pins: dict[str, str]) -> dict[str, Any]:
+def run_probe(*, gpu: bool, pins: dict[str, str], source: str | None = None) -> dict[str, Any]:
+    """source: the sha256 (source_digest) of the harness that will run the image's stages;
+    the image's own harness must match it (None: not checked, as in Apptainer's %test)."""
     probe = Probe()
     probe.check("python", _python)
     probe.facts["python"] = platform.python_version()
@@ -142,6 +171,11 @@ def run_probe(*, gpu: bool, pins: dict[str, str]) -> dict[str, Any]:
     # image. An image built from an older harness lacks them and fails every attempt late.
     if probe.check("harness", _imports(RUNTIME_MODULES)):
         probe.facts["harness"] = _version(DIST)
+        # The host reads what the image's stages write (their records, audits, memory
+        # reports): an image built from an older tree runs an older protocol, and fails or
+        # misleads late. Caught here, before a stage starts, as ours.
+        if source is not None:
+            probe.check("harness-source", _source(source))
     if probe.check("torch", lambda: _torch(probe, gpu)) and gpu:
         probe.check("cuda", _cuda)
         probe.check("nccl", _nccl)
@@ -161,10 +195,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--gpu", action="store_true", help="also require CUDA devices and NCCL")
     p.add_argument("--pin", action="append", default=None, metavar="NAME==VERSION",
                    help="a version the image must have (default: the harness's own pins)")
+    p.add_argument("--source-sha256", default=None, metavar="H",
+                   help="the sources sha256 of the harness that will run this image's stages: "
+                        "the image's own harness must be the same")
     args = p.parse_args(argv)
     pins = declared_pins() if args.pin is None else dict(
         (n.strip(), v.strip()) for n, _, v in (s.partition("==") for s in args.pin))
-    report = run_probe(gpu=args.gpu, pins=pins)
+    report = run_probe(gpu=args.gpu, pins=pins, source=args.source_sha256)
     print(json.dumps(report, indent=1))
     return 0 if report["ok"] else 2
 
