@@ -231,8 +231,11 @@ class Session:
     def _run(self, row: AttemptRow, attempt: Attempt, state: _Progress) -> TestReport:
         scale = self.task.scale(self.row.scale)
         snapshot = self._write_snapshot(row.number)
-        self.ledger.set_status(row.id, Status.CHECKING, attempt_dir=str(attempt.root))
         runner = self.runner or configured_runner()
+        # The runner is known from here: the pre-flight is the test's first stage, and
+        # `harness recover` looks for a dead harness's containers or jobs by it.
+        self.ledger.set_status(row.id, Status.CHECKING, attempt_dir=str(attempt.root),
+                               runner=runner.name)
         try:
             prepared = prepare(snapshot, self.task)
             checks = self._preflight(prepared, runner, row, attempt)

@@ -378,7 +378,15 @@ def test_preflight_that_cannot_run_is_ours_and_free(session: Session,
     import harness.session as mod
     from harness.errors import InfraError
 
+    seen: list[tuple[str, str | None]] = []
+
     def broken(prepared: Any, task: Any, runner: Any, **where: Any) -> Any:
+        # What `harness recover` would find if the harness died now: the row checking, its
+        # runner known (to stop the pre-flight's container or job), its record written.
+        (row,) = session.ledger.attempts(session.id)
+        seen.append((row.status, row.runner))
+        assert json.loads((where["attempt"].root / "result.json").read_text())["status"] \
+            == "checking"
         raise InfraError("pre-flight could not run (compile)")
 
     monkeypatch.setattr(mod, "preflight_or_refuse", broken)
@@ -386,6 +394,7 @@ def test_preflight_that_cannot_run_is_ours_and_free(session: Session,
     with Session.open(session.id, home=session.ledger.home, data_dir=session.data_dir) as s, \
             pytest.raises(InfraError):
         s.test()
+    assert seen == [("checking", "local")]
     (a,) = session.ledger.attempts(session.id)
     assert (a.status, a.charged) == ("failed_infra", False)
     # Its record was written before the pre-flight ran, and closed as ours.
