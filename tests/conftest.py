@@ -43,6 +43,17 @@ def write_shards(root: Path, train: np.ndarray, val: np.ndarray) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smoke_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data root with the smoke corpus, built once per run: a stage reads <root>/smoke, and
+    no test writes to it."""
+    from harness.data.smoke import prepare_smoke
+
+    root = tmp_path_factory.mktemp("data")
+    prepare_smoke(root / "smoke")
+    return root
+
+
+@pytest.fixture(scope="session")
 def periodic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A learnable stream (a repeating 50-token cycle): loss must fall when training works."""
     cycle = np.arange(1000, 1050)

@@ -33,15 +33,6 @@ from tests.test_session import GOOD, cli, ranges
 PER_SEED = 0.01
 
 
-@pytest.fixture(scope="module")
-def smoke_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from harness.data.smoke import prepare_smoke
-
-    root = tmp_path_factory.mktemp("data")
-    prepare_smoke(root / "smoke")
-    return root
-
-
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     return tmp_path / "home"

@@ -41,16 +41,6 @@ MAX_ITERS = int(load_task().scale("smoke").config["max_iters"])
 Scenario = Callable[[ClientSession], Awaitable[Any]]
 
 
-@pytest.fixture(scope="module")
-def smoke_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The smoke corpus, built once (a test's stage reads <root>/smoke)."""
-    from harness.data.smoke import prepare_smoke
-
-    root = tmp_path_factory.mktemp("data")
-    prepare_smoke(root / "smoke")
-    return root
-
-
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     return tmp_path / "home"

@@ -357,16 +357,6 @@ class FlakyPretrain:
                         infra="the node was lost")
 
 
-@pytest.fixture(scope="module")
-def smoke_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A data root with the smoke corpus (its manifest is recorded; fakes read no shard)."""
-    from harness.data.smoke import prepare_smoke
-
-    root = tmp_path_factory.mktemp("smoke")
-    prepare_smoke(root / "smoke")
-    return root
-
-
 def test_a_session_test_resumed_by_itself_is_charged_once(tmp_path: Path,
                                                           smoke_data: Path) -> None:
     runner = FlakyPretrain(failures=1)

@@ -65,16 +65,6 @@ class BitLinear(nn.Module):
 SES = re.compile(r"ses-(\d{8}-\d{6}-)?[0-9a-f]{6}")
 
 
-@pytest.fixture(scope="session")
-def smoke_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The smoke corpus, built once for every test here (a test stage reads <root>/smoke)."""
-    from harness.data.smoke import prepare_smoke
-
-    root = tmp_path_factory.mktemp("data")
-    prepare_smoke(root / "smoke")
-    return root
-
-
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     return tmp_path / "home"

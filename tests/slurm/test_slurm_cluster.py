@@ -34,15 +34,6 @@ FAST = SlurmSettings(poll_s=0.25, max_poll_s=1.0, time_margin_s=120)
 HOST = socket.gethostname().split(".")[0]
 
 
-@pytest.fixture(scope="module")
-def smoke_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from harness.data.smoke import prepare_smoke
-
-    root = tmp_path_factory.mktemp("data")
-    prepare_smoke(root / "smoke")
-    return root
-
-
 @pytest.fixture
 def home_dir(tmp_path: Path) -> Path:
     return tmp_path / "home"
