@@ -592,13 +592,7 @@ class Ledger:
             used = self._used(c, session_id)
             if used >= budget:
                 raise NoTestsLeft(session_id, used, budget, self._succeeded(c, session_id))
-            number = c.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM attempts WHERE "
-                               "session_id = ?", (session_id,)).fetchone()[0]
-            attempt_id = make_id(number)
-            c.execute("INSERT INTO attempts (id, session_id, number, status, created_at, host, "
-                      "pid, start_token) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                      (attempt_id, session_id, number, Status.PENDING.value, now_iso(),
-                       owner.host, owner.pid, owner.token))
+            attempt_id = self._insert_next(c, session_id, owner, make_id)
         return self.attempt(attempt_id)
 
     def new_final(self, session_id: str, seed: int, owner: Owner,
@@ -624,14 +618,24 @@ class Ledger:
             if taken is not None:
                 raise UserError(f"final seed {seed} is already {taken[1]} (run #{taken[0]})",
                                 where=where, fix="nothing to do for this seed")
-            number = c.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM attempts WHERE "
-                               "session_id = ?", (session_id,)).fetchone()[0]
-            attempt_id = make_id(number)
-            c.execute("INSERT INTO attempts (id, session_id, number, status, created_at, host, "
-                      "pid, start_token, final_of, seed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                      (attempt_id, session_id, number, Status.PENDING.value, now_iso(),
-                       owner.host, owner.pid, owner.token, sub[0], seed))
+            attempt_id = self._insert_next(c, session_id, owner, make_id,
+                                           final_of=sub[0], seed=seed)
         return self.attempt(attempt_id)
+
+    @staticmethod
+    def _insert_next(c: sqlite3.Connection, session_id: str, owner: Owner,
+                     make_id: Callable[[int], str], *, final_of: str | None = None,
+                     seed: int | None = None) -> str:
+        """Insert the session's next row (pending, numbered after every test and final run)
+        inside the caller's transaction; its id."""
+        number = c.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM attempts WHERE "
+                           "session_id = ?", (session_id,)).fetchone()[0]
+        attempt_id = make_id(number)
+        c.execute("INSERT INTO attempts (id, session_id, number, status, created_at, host, "
+                  "pid, start_token, final_of, seed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                  (attempt_id, session_id, number, Status.PENDING.value, now_iso(),
+                   owner.host, owner.pid, owner.token, final_of, seed))
+        return attempt_id
 
     def set_status(self, attempt_id: str, status: Status, **columns: Any) -> None:
         """Move an attempt along pending -> checking -> running, with optional columns."""
