@@ -28,6 +28,9 @@ from harness.record import Attempt, AttemptRecord, RecordError, Status
 from harness.runtime.fileio import sha256_file
 from harness.runtime.procs import kill_processes_in, owner_state
 
+# Every stage a test can run, in order, the pre-flight first: what logs and recover look for.
+TEST_STAGES = (PREFLIGHT, *STAGES)
+
 KILL_WAIT_S = 5.0
 
 
@@ -79,7 +82,7 @@ class AuditEntry:
         if not self.attempt.attempt_dir:
             return []
         root = Path(self.attempt.attempt_dir)
-        logs = [root / s / n for s in (PREFLIGHT, *STAGES) for n in ("stdout.log", "stderr.log")]
+        logs = [root / s / n for s in TEST_STAGES for n in ("stdout.log", "stderr.log")]
         found = [p for p in logs if p.exists()] or [root / "checks.json"]
         return [str(p) for p in found if p.exists()]
 
@@ -175,7 +178,7 @@ def stage_log_paths(a: AttemptRow, stage: str) -> list[Path]:
     if not stage_dir.is_dir():
         root = Path(a.attempt_dir)
         ran = sorted(p.name for p in root.iterdir()
-                     if p.is_dir() and p.name in (PREFLIGHT, *STAGES)) if root.is_dir() else []
+                     if p.is_dir() and p.name in TEST_STAGES) if root.is_dir() else []
         raise UserError(f"test #{a.number} ran no {stage} stage", where=a.attempt_dir,
                         fix=f"stages it ran: {', '.join(ran)}" if ran else
                         "it ran no stage at all (see checks.json in its folder)")
@@ -429,7 +432,7 @@ def stop_leftovers(a: AttemptRow) -> tuple[str, ...]:
     if a.runner == "slurm":
         from harness.runners.slurm import cancel_leftover_jobs
 
-        return tuple(f"Slurm job {j}" for j in cancel_leftover_jobs(a.id, [PREFLIGHT, *STAGES]))
+        return tuple(f"Slurm job {j}" for j in cancel_leftover_jobs(a.id, TEST_STAGES))
     if a.runner == "docker":
         from harness.runners.config import load_config
         from harness.runners.docker import remove_leftover_containers
